@@ -1,0 +1,84 @@
+"""What plugins build on: the objects augmentation and strategy factories return.
+
+Plugins import from here and from :mod:`deitctl` only; the engine never
+imports plugins directly (it goes through the registry).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+Criterion = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+
+@dataclass
+class Augmentation:
+    """Transforms for one recipe.
+
+    ``batch_transform(images, targets) -> (images, soft_targets)`` runs on the
+    device on every training batch (timm's Mixup/CutMix); with it, targets
+    become soft and the label smoothing is its own. Without it, ``smoothing``
+    is applied by the loss.
+    """
+
+    train_transform: Callable[[Any], Any]
+    eval_transform: Callable[[Any], Any]
+    batch_transform: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    smoothing: float = 0.0
+
+
+class Strategy:
+    """A distillation strategy: the training loss.
+
+    ``outputs`` is the student's logits, or ``(class_logits, dist_logits)``
+    for a student trained with a distillation token (``uses_dist_token``).
+    ``targets`` are class indices or soft targets (after Mixup/CutMix);
+    ``base_criterion(logits, targets)`` is the label loss (with smoothing or
+    soft targets); ``teacher_logits`` is ``None`` unless ``uses_teacher``.
+    """
+
+    uses_teacher: bool = True
+    uses_dist_token: bool = False
+
+    def __call__(
+        self,
+        outputs: "torch.Tensor | tuple[torch.Tensor, torch.Tensor]",
+        targets: "torch.Tensor",
+        teacher_logits: "torch.Tensor | None",
+        base_criterion: Criterion,
+    ) -> "torch.Tensor":
+        raise NotImplementedError
+
+
+def make_mixup(
+    *,
+    mixup: float,
+    cutmix: float,
+    prob: float,
+    switch_prob: float,
+    mode: str,
+    smoothing: float,
+    num_classes: int,
+) -> Callable[[Any, Any], tuple[Any, Any]] | None:
+    """timm's Mixup/CutMix, or ``None`` when both are off."""
+    if mixup <= 0 and cutmix <= 0 or prob <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=mixup,
+        cutmix_alpha=cutmix,
+        prob=prob,
+        switch_prob=switch_prob,
+        mode=mode,
+        label_smoothing=smoothing,
+        num_classes=num_classes,
+    )
+
+
+def as_tuple(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)

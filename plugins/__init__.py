@@ -1,0 +1,1 @@
+"""deitctl's built-in plugins, registered through the ``deitctl`` entry-point group."""

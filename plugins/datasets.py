@@ -1,0 +1,70 @@
+"""Datasets: an ImageFolder tree, and synthetic tensors for benchmarks and smoke tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import deitctl
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _rgb_loader(path: str):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def imagefolder(*, root: str, split: str, transform=None):
+    """``root/<split>/<class>/<image>``; class names come from the folders."""
+    from torchvision.datasets import ImageFolder
+
+    path = Path(root) / split
+    if not path.is_dir():
+        raise FileNotFoundError(f"no split folder {str(path)!r}")
+    dataset = ImageFolder(
+        str(path),
+        transform=transform,
+        loader=_rgb_loader,
+        is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS),
+        allow_empty=True,
+    )
+    if not dataset.samples:
+        raise FileNotFoundError(f"no images under {str(path)!r} (expected {path}/<class>/<image>)")
+    return dataset
+
+
+class SyntheticImages:
+    """Deterministic random images (already normalised tensors) and labels."""
+
+    def __init__(self, length: int, num_classes: int, img_size: int, seed: int):
+        self.length, self.img_size, self.seed = length, img_size, seed
+        self.classes = [f"class_{i}" for i in range(num_classes)]
+        self.targets = [(i * 7919 + seed) % num_classes for i in range(length)]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return torch.randn(3, self.img_size, self.img_size, generator=g), self.targets[index]
+
+
+def synthetic(*, split: str, img_size: int, num_classes: int, length: int = 1024, transform=None):
+    """Random tensors of the recipe's shape and class count (transforms are not applied)."""
+    if length <= 0:
+        raise ValueError(f"length must be positive, got {length}")
+    return SyntheticImages(length, num_classes or 1000, img_size, seed=0 if split == "train" else 1)
+
+
+@deitctl.hookimpl
+def register_datasets(register):
+    register("imagefolder", imagefolder, help="root/<split>/<class>/<image> (ImageNet layout)")
+    register("synthetic", synthetic, help="random tensors of the recipe's shape (benchmarks, smoke tests)")
