@@ -106,9 +106,9 @@ def _autoload_disabled() -> bool:
     return bool(os.environ.get("DEITCTL_DISABLE_PLUGIN_AUTOLOAD"))
 
 
-def _plugin_modules() -> list[tuple[str, Callable[[], Any]]]:
-    """(provider, loader) pairs: entry points first, then ``DEITCTL_PLUGINS``."""
-    found: list[tuple[str, Callable[[], Any]]] = []
+def _plugin_modules() -> list[tuple[str, str, Callable[[], Any]]]:
+    """(provider, module, loader): entry points first, then ``DEITCTL_PLUGINS``."""
+    found: list[tuple[str, str, Callable[[], Any]]] = []
     seen: set[tuple[str, str]] = set()
     for ep in entry_points(group=GROUP):
         dist = getattr(ep, "dist", None)
@@ -118,9 +118,9 @@ def _plugin_modules() -> list[tuple[str, Callable[[], Any]]]:
             continue
         seen.add((dist_name, ep.value))
         version = dist.version if dist is not None else "?"
-        found.append((f"{dist_name} {version} ({ep.value})", ep.load))
-    for module in filter(None, os.environ.get("DEITCTL_PLUGINS", "").split(",")):
-        found.append((module.strip(), partial(importlib.import_module, module.strip())))
+        found.append((f"{dist_name} {version}", ep.value, ep.load))
+    for module in filter(None, (m.strip() for m in os.environ.get("DEITCTL_PLUGINS", "").split(","))):
+        found.append((module, module, partial(importlib.import_module, module)))
     return found
 
 
@@ -141,12 +141,13 @@ def build_registry() -> Registry:
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     providers: dict[str, str] = {}
-    for provider, load in _plugin_modules():
+    for provider, module_name, load in _plugin_modules():
         try:
             module = load()
-            name = pm.register(module, name=provider)
+            name = pm.register(module, name=f"{provider}:{module_name}")
         except Exception as exc:  # a broken plugin must not take the others down
-            registry.failures.append(LoadFailure(provider, f"{type(exc).__name__}: {exc}"))
+            where = provider if provider == module_name else f"{provider} ({module_name})"
+            registry.failures.append(LoadFailure(where, f"{type(exc).__name__}: {exc}"))
             continue
         if name is not None:
             providers[name] = provider

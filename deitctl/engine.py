@@ -1,0 +1,550 @@
+"""The training engine: a recipe in, checkpoints and metrics out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from deitctl import __version__
+from deitctl.build import (
+    build_augmentation,
+    build_dataset,
+    build_strategy,
+    build_student,
+    build_teacher,
+    check_student_strategy,
+    has_dist_token,
+    normalization,
+)
+from deitctl.checkpoint import load_file, save_checkpoint
+from deitctl.data import check_classes, make_loader, per_class_subset
+from deitctl.errors import RecipeError, RunError, UserError
+from deitctl.evaluation import evaluate
+from deitctl.recipe import Recipe, recipe_from_text
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------- devices, precision, RNG
+
+
+def resolve_device(recipe: Recipe) -> torch.device:
+    spec = recipe.run.device
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("no CUDA device is available here (use \"auto\" or \"cpu\")", source=recipe.source, key="run.device")
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(spec)
+
+
+def autocast_factory(device: torch.device, precision: str) -> Callable[[], Any]:
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG, as tensors and plain data (loadable with ``weights_only=True``)."""
+    version, state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": [version, list(state), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+@dataclass
+class Parts:
+    """Everything a run is made of."""
+
+    recipe: Recipe
+    device: torch.device
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    student: nn.Module
+    strategy: Any
+    augmentation: Any
+    train_loader: Any
+    val_loader: Any
+    teacher: nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _datasets(recipe: Recipe, aug: Any) -> tuple[Any, Any, list[str]]:
+    train = build_dataset(recipe, recipe.data.train_split, aug.train_transform)
+    val = build_dataset(recipe, recipe.data.val_split, aug.eval_transform)
+    train_classes = list(getattr(train, "classes", []))
+    val_classes = list(getattr(val, "classes", []))
+    unknown = check_classes(train_classes, val_classes)
+    if unknown:
+        raise RecipeError(
+            f"the {recipe.data.val_split!r} split has classes that {recipe.data.train_split!r} has not: "
+            f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}",
+            source=recipe.source,
+            key="data.val_split",
+        )
+    if val_classes != train_classes and hasattr(val, "targets"):
+        remap = [train_classes.index(c) for c in val_classes]
+        val.target_transform = remap.__getitem__
+        val.targets = [remap[t] for t in val.targets]
+    train = per_class_subset(train, recipe.data.train_per_class)
+    val = per_class_subset(val, recipe.data.val_per_class)
+    return train, val, train_classes
+
+
+def num_classes_of(recipe: Recipe) -> int:
+    """The class count without building transforms (for imagefolder: its folders)."""
+    if recipe.data.num_classes:
+        return recipe.data.num_classes
+    root = Path(recipe.data.root) / recipe.data.train_split
+    if recipe.data.dataset == "imagefolder" and root.is_dir():
+        return sum(1 for p in root.iterdir() if p.is_dir())
+    return 0
+
+
+def assemble(recipe: Recipe, *, world_size: int = 1, rank: int = 0, with_teacher: bool | None = None) -> Parts:
+    """Build models, data and loss for a recipe."""
+    device = resolve_device(recipe)
+    strategy = build_strategy(recipe)
+    num_classes = num_classes_of(recipe) or 1000
+    student = build_student(recipe, num_classes)
+    check_student_strategy(recipe, student, strategy)
+    mean, std = normalization(student)
+    aug = build_augmentation(recipe, mean, std, num_classes)
+    train_ds, val_ds, classes = _datasets(recipe, aug)
+    if classes and len(classes) != num_classes:
+        if recipe.data.num_classes:
+            raise RecipeError(
+                f"is {recipe.data.num_classes} but the dataset has {len(classes)} classes",
+                source=recipe.source,
+                key="data.num_classes",
+            )
+        num_classes = len(classes)
+        student = build_student(recipe, num_classes)
+        aug = build_augmentation(recipe, mean, std, num_classes)
+        train_ds, val_ds, classes = _datasets(recipe, aug)
+    classes = classes or [str(i) for i in range(num_classes)]
+    if len(train_ds) < recipe.data.batch_size * world_size:
+        raise RecipeError(
+            f"the training split has {len(train_ds)} images, fewer than one batch "
+            f"({recipe.data.batch_size} x {world_size} processes)",
+            source=recipe.source,
+            key="data.batch_size",
+        )
+    teacher = None
+    if with_teacher if with_teacher is not None else recipe.uses_teacher:
+        teacher = build_teacher(recipe, num_classes, mean, std)
+        check_teacher_output(recipe, teacher, num_classes)
+    pin = recipe.data.pin_memory and device.type == "cuda"
+    loader_args = dict(num_workers=recipe.data.num_workers, pin_memory=pin, num_replicas=world_size, rank=rank,
+                       seed=recipe.run.seed)
+    train_loader = make_loader(train_ds, batch_size=recipe.data.batch_size, train=True,
+                               repeats=recipe.data.repeated_aug, **loader_args)
+    val_loader = make_loader(val_ds, batch_size=recipe.data.batch_size, train=False, **loader_args)
+    return Parts(recipe, device, classes, mean, std, student, strategy, aug, train_loader, val_loader, teacher)
+
+
+def check_teacher_output(recipe: Recipe, teacher: nn.Module, num_classes: int) -> None:
+    size = recipe.data.img_size
+    with torch.no_grad():
+        try:
+            out = teacher(torch.zeros(2, 3, size, size))
+        except Exception as exc:
+            raise RecipeError(
+                f"teacher plugin {recipe.teacher.plugin!r} failed on a [2, 3, {size}, {size}] batch: "  # type: ignore[union-attr]
+                f"{type(exc).__name__}: {exc}",
+                source=recipe.source,
+                key="teacher",
+            ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RecipeError(
+            f"the teacher returned {shape} for a batch of 2; expected logits of shape (2, {num_classes}) "
+            "(teacher and student must have the same classes)",
+            source=recipe.source,
+            key="teacher",
+        )
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    best_acc1: float
+    last: dict[str, Any]
+    epochs_run: int
+
+
+class Reporter:
+    """Receives progress events; the CLI renders them with rich."""
+
+    def log(self, message: str) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, images: int, loss: float, lr: float) -> None: ...
+    def epoch_end(self, metrics: dict[str, Any]) -> None: ...
+    def eval_start(self, batches: int) -> None: ...
+    def eval_step(self, images: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: stop at the next step after saving; a second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _scaled_lr(recipe: Recipe, world_size: int) -> float:
+    o = recipe.optimizer
+    if o.lr_scaling == "none":
+        return o.lr
+    return o.lr * recipe.data.batch_size * world_size * o.accumulate / o.lr_base_batch
+
+
+def _make_optimizer(recipe: Recipe, model: nn.Module, lr: float):
+    from timm.optim import create_optimizer_v2
+
+    o = recipe.optimizer
+    kwargs: dict[str, Any] = {}
+    if o.name.lower() in ("sgd", "nesterov", "momentum", "rmsprop", "rmsproptf"):
+        kwargs["momentum"] = o.momentum
+    if any(n in o.name.lower() for n in ("adam", "lamb", "lars", "nadam", "radam")):
+        kwargs.update(betas=tuple(o.betas), eps=o.eps)
+    try:
+        return create_optimizer_v2(model, opt=o.name, lr=lr, weight_decay=o.weight_decay, **kwargs)
+    except (ValueError, AssertionError, KeyError) as exc:
+        raise RecipeError(f"timm cannot make optimizer {o.name!r}: {exc}", source=recipe.source, key="optimizer.name") from None
+
+
+def _make_scheduler(recipe: Recipe, optimizer: Any, updates_per_epoch: int):
+    from timm.scheduler import create_scheduler_v2
+
+    s = recipe.schedule
+    return create_scheduler_v2(
+        optimizer,
+        sched="step" if s.name == "const" else s.name,
+        num_epochs=recipe.run.epochs,
+        decay_epochs=recipe.run.epochs * 10 if s.name == "const" else s.decay_epochs,
+        decay_milestones=s.decay_milestones,
+        decay_rate=s.decay_rate,
+        cooldown_epochs=s.cooldown_epochs,
+        min_lr=s.min_lr,
+        warmup_lr=s.warmup_lr,
+        warmup_epochs=s.warmup_epochs,
+        step_on_epochs=s.interval == "epoch",
+        updates_per_epoch=updates_per_epoch,
+    )[0]
+
+
+def _strip_compile(state: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+
+
+class Trainer:
+    """One training run."""
+
+    def __init__(self, recipe: Recipe, reporter: Reporter | None = None, *, rank: int = 0, world_size: int = 1):
+        self.recipe, self.reporter = recipe, reporter or Reporter()
+        self.rank, self.world_size = rank, world_size
+        self.out = recipe.output_dir
+        seed_everything(recipe.run.seed + rank)
+        self.parts = assemble(recipe, world_size=world_size, rank=rank)
+        p = self.parts
+        self.device = p.device
+        self.autocast = autocast_factory(self.device, recipe.run.precision)
+        self.student = p.student.to(self.device)
+        if has_dist_token(self.student):
+            self.student.set_distilled_training(True)
+        self.teacher = p.teacher.to(self.device) if p.teacher is not None else None
+        if self.teacher is not None and recipe.run.channels_last:
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        self.mixup = p.augmentation.batch_transform
+        self.base_criterion = self._base_criterion()
+        self.lr = _scaled_lr(recipe, world_size)
+        self.optimizer = _make_optimizer(recipe, self.student, self.lr)
+        self.accumulate = recipe.optimizer.accumulate
+        self.updates_per_epoch = max(1, len(p.train_loader) // self.accumulate)
+        self.scheduler = _make_scheduler(recipe, self.optimizer, self.updates_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type) if recipe.run.precision == "fp16" else None
+        self.ema = None
+        if recipe.ema.enabled:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.student, decay=recipe.ema.decay, use_warmup=recipe.ema.warmup)
+        self.forward = self.student
+        self.teacher_forward = self.teacher
+        if recipe.run.compile:
+            self.forward = torch.compile(self.student)
+            if self.teacher is not None:
+                self.teacher_forward = torch.compile(self.teacher)
+        self.start_epoch, self.best_acc1, self.num_updates, self.skipped_steps = 0, -1.0, 0, 0
+
+    def _base_criterion(self) -> nn.Module:
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        if self.mixup is not None:
+            return SoftTargetCrossEntropy()
+        smoothing = self.parts.augmentation.smoothing
+        return LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss()
+
+    # ---------------------------------------------------------------- state
+
+    def state(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        p = self.parts
+        return {
+            "format": "deitctl-checkpoint-1",
+            "deitctl_version": __version__,
+            "model": _strip_compile(self.student.state_dict()),
+            "model_ema": _strip_compile(self.ema.module.state_dict()) if self.ema is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "epoch": epoch,
+            "num_updates": self.num_updates,
+            "best_acc1": self.best_acc1,
+            "metrics": metrics,
+            "rng": rng_state(),
+            "recipe": self.recipe.to_toml(),
+            "classes": list(p.classes),
+            "normalization": {"mean": list(p.mean), "std": list(p.std)},
+            "img_size": self.recipe.data.img_size,
+        }
+
+    def resume(self, path: Path) -> None:
+        ckpt = load_file(path)
+        try:
+            self.student.load_state_dict(ckpt["model"])
+            if self.ema is not None and ckpt.get("model_ema"):
+                self.ema.module.load_state_dict(ckpt["model_ema"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise UserError(f"{path}: cannot resume this recipe from it ({type(exc).__name__}: {str(exc)[:300]})") from None
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.best_acc1 = float(ckpt.get("best_acc1", -1.0))
+        self.num_updates = int(ckpt.get("num_updates", 0))
+        set_rng_state(ckpt["rng"])
+
+    # ---------------------------------------------------------------- loop
+
+    def train_one_epoch(self, epoch: int, stop: StopRequest) -> dict[str, Any]:
+        loader = self.parts.train_loader
+        loader.sampler.set_epoch(epoch)
+        self.student.train()
+        steps = len(loader)
+        self.reporter.epoch_start(epoch, self.recipe.run.epochs, steps)
+        total_loss, seen, started = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, (images, targets) in enumerate(loader):
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            with self.autocast():
+                outputs = self.forward(images)
+                teacher_logits = None
+                if self.teacher_forward is not None and getattr(self.parts.strategy, "uses_teacher", True):
+                    t_in = images.contiguous(memory_format=torch.channels_last) if self.recipe.run.channels_last else images
+                    teacher_logits = self.teacher_forward(t_in)
+                loss = self.parts.strategy(outputs, targets, teacher_logits, self.base_criterion)
+            loss_value = loss.detach().float().item()
+            if not math.isfinite(loss_value):
+                raise RunError(
+                    f"the loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                    f"The last good checkpoint is kept in {self.out / 'last.pt'}"
+                )
+            self._backward(loss / self.accumulate, update=(step + 1) % self.accumulate == 0)
+            total_loss += loss_value * images.shape[0]
+            seen += images.shape[0]
+            self.reporter.step(images.shape[0], loss_value, self.optimizer.param_groups[0]["lr"])
+            if stop.requested:
+                break
+        elapsed = time.perf_counter() - started
+        self.scheduler.step(epoch + 1)
+        return {
+            "train_loss": float(total_loss) / max(seen, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": seen * self.world_size / max(elapsed, 1e-9),
+            "train_images": seen * self.world_size,
+            "epoch_time_s": elapsed,
+        }
+
+    def _backward(self, loss: torch.Tensor, *, update: bool) -> None:
+        clip = self.recipe.optimizer.clip_grad
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if not update:
+                return
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.student.parameters(), clip)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scaler.get_scale() < scale:
+                self.skipped_steps += 1
+        else:
+            loss.backward()
+            if not update:
+                return
+            if clip:
+                nn.utils.clip_grad_norm_(self.student.parameters(), clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_updates += 1
+        self.scheduler.step_update(num_updates=self.num_updates)
+        if self.ema is not None:
+            self.ema.update(self.student, step=self.num_updates)
+
+    def evaluate(self, *, with_teacher: bool = False) -> dict[str, Any]:
+        loader = self.parts.val_loader
+        self.reporter.eval_start(len(loader))
+        common = dict(num_classes=self.parts.num_classes, device=self.device, autocast=self.autocast,
+                      on_batch=self.reporter.eval_step)
+        metrics = evaluate(self.student, loader, teacher=self.teacher if with_teacher else None,
+                           channels_last=self.recipe.run.channels_last, **common)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, loader, **common)
+            metrics.update({"acc1_ema": ema["acc1"], "acc5_ema": ema["acc5"]})
+        return metrics
+
+    def fit(self, *, resume: bool = False) -> TrainResult:
+        r = self.recipe
+        metrics_path = self.out / "metrics.jsonl"
+        if resume:
+            last = self.out / "last.pt"
+            if not last.exists():
+                raise UserError(f"{last}: nothing to resume (no last.pt in the output directory)")
+            self.resume(last)
+            self.reporter.log(f"resuming from {last} at epoch {self.start_epoch + 1}")
+            _truncate_metrics(metrics_path, self.start_epoch)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+        if self.rank == 0:
+            (self.out / "recipe.toml").write_text(r.to_toml(), encoding="utf-8")
+        self.reporter.log(
+            f"{r.run.name}: {self.parts.num_classes} classes, {len(self.parts.train_loader.dataset)} training images, "
+            f"device {self.device}, world size {self.world_size}, precision {r.run.precision}, lr {self.lr:.3g}"
+        )
+        last_metrics: dict[str, Any] = {}
+        epoch = self.start_epoch - 1
+        with StopRequest() as stop:
+            for epoch in range(self.start_epoch, r.run.epochs):
+                train_metrics = self.train_one_epoch(epoch, stop)
+                if stop.requested:
+                    self.reporter.log(f"stopping: epoch {epoch + 1} interrupted, saving the last complete epoch")
+                    epoch -= 1
+                    break
+                is_last = epoch + 1 == r.run.epochs
+                eval_metrics = self.evaluate() if (epoch + 1) % r.run.eval_every == 0 or is_last else {}
+                last_metrics = {"epoch": epoch + 1, **train_metrics, **eval_metrics}
+                if self.skipped_steps:
+                    last_metrics["skipped_steps"] = self.skipped_steps
+                improved = "acc1" in eval_metrics and eval_metrics["acc1"] > self.best_acc1
+                if improved:
+                    self.best_acc1 = eval_metrics["acc1"]
+                last_metrics["best_acc1"] = self.best_acc1
+                if self.rank == 0:
+                    state = self.state(epoch, last_metrics)
+                    save_checkpoint(state, self.out / "last.pt")
+                    if improved:
+                        save_checkpoint(state, self.out / "best.pt")
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(last_metrics) + "\n")
+                self.reporter.epoch_end(last_metrics)
+        self.reporter.close()
+        return TrainResult(self.out, self.best_acc1, last_metrics, epoch + 1)
+
+
+def _truncate_metrics(path: Path, start_epoch: int) -> None:
+    """Keep each epoch once: drop lines of epochs that will run again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("epoch", 0) <= start_epoch]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def prepare_output_dir(recipe: Recipe) -> Path:
+    out = recipe.output_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RecipeError(f"cannot write to output directory {str(out)!r}: {exc.strerror or exc}",
+                          source=recipe.source, key="run.output_dir") from None
+    return out
+
+
+def recipe_of_checkpoint(ckpt: dict[str, Any], path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    text = ckpt.get("recipe")
+    if not isinstance(text, str):
+        raise UserError(f"{path}: not a deitctl checkpoint (no recipe inside); pass --model and --data")
+    return recipe_from_text(text, f"{path} (embedded recipe)", overrides)

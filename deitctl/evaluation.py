@@ -1,0 +1,92 @@
+"""Evaluation: top-1/top-5/loss with torchmetrics, per-head accuracy and
+teacher agreement (the paper's Tables 3 and 4)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deitctl.build import has_dist_token
+
+
+def student_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fused logits, None), or for a student with a distillation token
+    ((cls + dist) / 2, (cls, dist)) as timm's model fuses them."""
+    if not has_dist_token(model):
+        return model(images), None
+    features = model.forward_features(images)
+    cls = model.head(model.head_drop(features[:, 0]))
+    dist = model.head_dist(model.head_drop(features[:, 1]))
+    return (cls + dist) / 2, (cls, dist)
+
+
+def _accuracy(num_classes: int, k: int, device: torch.device):
+    from torchmetrics.classification import MulticlassAccuracy
+
+    return MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro").to(device)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    *,
+    num_classes: int,
+    device: torch.device,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    teacher: nn.Module | None = None,
+    channels_last: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``loader`` (targets are class indices)."""
+    from torchmetrics import MeanMetric
+
+    was_training = model.training
+    model.eval()
+    acc1, acc5 = _accuracy(num_classes, 1, device), _accuracy(num_classes, 5, device)
+    loss = MeanMetric().to(device)
+    extra: dict[str, Any] = {}
+    distilled = has_dist_token(model)
+    if distilled:
+        extra = {k: _accuracy(num_classes, 1, device) for k in ("acc1_cls", "acc1_dist", "acc1_softmax_fusion")}
+    if teacher is not None:
+        from torchmetrics import MeanMetric as Agreement
+
+        extra["teacher_acc1"] = _accuracy(num_classes, 1, device)
+        extra["teacher_agreement"] = Agreement().to(device)
+    images = 0
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                logits, heads = student_heads(model, x)
+                t_logits = None
+                if teacher is not None:
+                    t_in = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+                    t_logits = teacher(t_in).float()
+            logits = logits.float()
+            acc1.update(logits, y)
+            acc5.update(logits, y)
+            loss.update(F.cross_entropy(logits, y, reduction="none"))
+            if heads is not None:
+                cls, dist = heads[0].float(), heads[1].float()
+                extra["acc1_cls"].update(cls, y)
+                extra["acc1_dist"].update(dist, y)
+                extra["acc1_softmax_fusion"].update(cls.softmax(1) + dist.softmax(1), y)
+            if t_logits is not None:
+                extra["teacher_acc1"].update(t_logits, y)
+                extra["teacher_agreement"].update((t_logits.argmax(1) == logits.argmax(1)).float())
+            images += y.shape[0]
+            if on_batch:
+                on_batch(y.shape[0])
+    finally:
+        model.train(was_training)
+    out = {"acc1": acc1.compute().item() * 100, "acc5": acc5.compute().item() * 100, "loss": loss.compute().item()}
+    for key, metric in extra.items():
+        out[key] = metric.compute().item() * 100
+    out["images"] = images
+    return out

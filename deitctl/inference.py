@@ -1,0 +1,131 @@
+"""Evaluation and prediction from a checkpoint file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deitctl.build import build_augmentation, build_dataset, build_student, build_teacher, has_dist_token
+from deitctl.checkpoint import extract_state_dict, load_file
+from deitctl.data import make_loader, per_class_subset
+from deitctl.engine import autocast_factory, recipe_of_checkpoint, resolve_device
+from deitctl.errors import RecipeError, UserError
+from deitctl.evaluation import evaluate
+from deitctl.recipe import Recipe, recipe_from_dict
+
+
+def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dict[str, Any]) -> Recipe:
+    """A recipe for official DeiT / timm weights: ``--model`` and ``--data``."""
+    if not model or not data:
+        raise UserError(f"{ckpt}: not a deitctl checkpoint (no recipe inside); pass --model NAME and --data ROOT")
+    import timm
+
+    if not timm.is_model(model):
+        raise UserError(f"--model: unknown timm model {model!r}")
+    size = timm.get_pretrained_cfg(model).to_dict().get("input_size", (3, 224, 224))[-1] if timm.get_pretrained_cfg(model) else 224
+    head = state.get("head.weight", state.get("fc.weight"))
+    raw = {
+        "student": {"plugin": "deit" if model.startswith("deit") else "timm", "model": model},
+        "data": {"root": str(data), "img_size": int(size), "batch_size": 64, "num_workers": 4,
+                 "num_classes": int(head.shape[0]) if head is not None else 0},
+        "ema": {"enabled": False},
+    }
+    if model.startswith("deit") and "distilled" in model:
+        raw["distillation"] = {"strategy": "none"}
+    recipe = recipe_from_dict(raw, f"{ckpt} (--model {model})")
+    from deitctl.recipe import check_plugins
+
+    check_plugins(recipe)
+    return recipe
+
+
+def load_student(ckpt_path: Path, *, model: str | None = None, data: Path | None = None, ema: bool = False,
+                 overrides: list[str] | None = None):
+    """(recipe, student with weights, classes, mean, std) from a checkpoint."""
+    ckpt = load_file(ckpt_path)
+    ours = isinstance(ckpt, dict) and isinstance(ckpt.get("recipe"), str)
+    if ours:
+        recipe = recipe_of_checkpoint(ckpt, ckpt_path, overrides)
+        key = "model_ema" if ema else "model"
+        if ema and not ckpt.get("model_ema"):
+            raise UserError(f"{ckpt_path}: holds no EMA weights")
+        state = extract_state_dict(ckpt[key], ckpt_path)
+        classes = list(ckpt.get("classes") or [])
+    else:
+        state = extract_state_dict(ckpt, ckpt_path, prefer=("model_ema", "model", "state_dict") if ema else
+                                   ("model", "state_dict", "model_ema"))
+        recipe = _foreign_recipe(ckpt_path, model, data, state)
+        classes = []
+    if data is not None:
+        recipe.data.root = str(data)
+    num_classes = len(classes) or recipe.data.num_classes or 1000
+    student = build_student(recipe, num_classes)
+    try:
+        student.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{ckpt_path}: weights do not fit the student: {' '.join(str(exc).split())[:500]}") from None
+    if ours:
+        norm = ckpt.get("normalization") or {}
+        mean, std = tuple(norm.get("mean", (0.485, 0.456, 0.406))), tuple(norm.get("std", (0.229, 0.224, 0.225)))
+    else:
+        from deitctl.build import normalization
+
+        mean, std = normalization(student)
+    classes = classes or [str(i) for i in range(num_classes)]
+    return recipe, student.eval(), classes, mean, std
+
+
+def evaluate_checkpoint(ckpt: Path, *, data: Path | None = None, model: str | None = None, split: str | None = None,
+                        ema: bool = False, overrides: list[str] | None = None, progress: Any = None) -> dict[str, Any]:
+    recipe, student, classes, mean, std = load_student(ckpt, model=model, data=data, ema=ema, overrides=overrides)
+    split = split or recipe.data.val_split
+    aug = build_augmentation(recipe, mean, std, len(classes))
+    dataset = build_dataset(recipe, split, aug.eval_transform, len(classes))
+    ds_classes = list(getattr(dataset, "classes", []))
+    if ds_classes and classes and not classes[0].isdigit():
+        unknown = [c for c in ds_classes if c not in classes]
+        if unknown:
+            raise RecipeError(f"split {split!r} has classes the checkpoint does not know: {', '.join(unknown[:10])}",
+                              source=str(data or recipe.data.root), key="data.root")
+        if ds_classes != classes and hasattr(dataset, "targets"):
+            remap = [classes.index(c) for c in ds_classes]
+            dataset.target_transform = remap.__getitem__
+            dataset.targets = [remap[t] for t in dataset.targets]
+    dataset = per_class_subset(dataset, recipe.data.val_per_class)
+    device = resolve_device(recipe)
+    teacher = None
+    t = recipe.teacher
+    if t is not None and (not t.checkpoint or Path(t.checkpoint).is_file()):
+        teacher = build_teacher(recipe, len(classes), mean, std).to(device)
+    loader = make_loader(dataset, batch_size=recipe.data.batch_size, train=False, seed=recipe.run.seed,
+                         num_workers=min(recipe.data.num_workers, 4), pin_memory=device.type == "cuda")
+    metrics = evaluate(student.to(device), loader, num_classes=len(classes), device=device,
+                       autocast=autocast_factory(device, recipe.run.precision), teacher=teacher)
+    metrics["split"] = split
+    if has_dist_token(student):
+        metrics["acc1_fused"] = metrics["acc1"]
+    return metrics
+
+
+def predict_images(ckpt: Path, images: list[Path], *, top_k: int = 5) -> list[dict[str, Any]]:
+    from PIL import Image, UnidentifiedImageError
+
+    recipe, student, classes, mean, std = load_student(ckpt)
+    aug = build_augmentation(recipe, mean, std, len(classes))
+    batch = []
+    for path in images:
+        try:
+            with Image.open(path) as img:
+                batch.append(aug.eval_transform(img.convert("RGB")))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise UserError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
+    with torch.no_grad():
+        probs = student(torch.stack(batch)).float().softmax(dim=1)
+    k = min(top_k, len(classes))
+    values, indices = probs.topk(k, dim=1)
+    return [
+        {"image": str(path), "top": [{"class": classes[i], "probability": float(v)} for v, i in zip(vs.tolist(), ix.tolist())]}
+        for path, vs, ix in zip(images, values, indices)
+    ]
