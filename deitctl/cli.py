@@ -11,6 +11,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deitctl import __version__
@@ -27,8 +28,8 @@ app = typer.Typer(
 recipe_app = typer.Typer(help="Show or check a recipe.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 SetOption = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a recipe key (dotted, TOML value).")
 
@@ -54,7 +55,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except DeitctlError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -65,7 +66,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _warn(messages: list[str]) -> None:
     for m in messages:
-        err.print(f"[yellow]warning:[/] {m}", markup=True, highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(m)}", markup=True, highlight=False)
 
 
 def _report_plugin_failures() -> None:
@@ -126,9 +127,8 @@ def recipe_validate(recipe: Path = typer.Argument(..., help="Recipe file (TOML).
 
     r = _load(recipe, sets)
     _warn(validate(r))
-    out.print(f"[green]ok[/] {recipe}: {r.student.options.get('model', r.student.plugin)} student, "
-              f"strategy {r.distillation.strategy}" + (f", teacher {r.teacher.options.get('model', r.teacher.plugin)}" if r.teacher else ""),
-              markup=True)
+    out.print(f"ok {recipe}: {r.student.options.get('model', r.student.plugin)} student, "
+              f"strategy {r.distillation.strategy}" + (f", teacher {r.teacher.options.get('model', r.teacher.plugin)}" if r.teacher else ""))
 
 
 # --------------------------------------------------------------------------- train
@@ -152,7 +152,7 @@ def run_training(recipe, *, resume: bool = False, quiet: bool = False, depth: in
             from deitctl.errors import RecipeError
 
             raise RecipeError("teacher recipes nest too deeply", source=recipe.source, key="teacher.recipe")
-        err.print(f"[bold]training the teacher first[/]: {t.recipe} (no {t.checkpoint} yet)", markup=True)
+        err.print(f"[bold]training the teacher first[/]: {escape(t.recipe)} (no {escape(t.checkpoint)} yet)", markup=True)
         teacher_result = run_training(load_recipe(t.recipe), quiet=quiet, depth=depth + 1)
         if not Path(t.checkpoint).is_file():
             from deitctl.errors import RecipeError

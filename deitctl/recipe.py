@@ -274,12 +274,16 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+def _plural(tp: Any) -> str:
+    return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(tp, str(tp))
+
+
 def _check(value: Any, tp: Any, key: str, source: str) -> Any:
     origin = getattr(tp, "__origin__", None)
     if origin is list:
         (item,) = tp.__args__
         if not isinstance(value, list):
-            raise RecipeError(f"expected a list of {_type_name(item)}s, got {value!r}", source=source, key=key)
+            raise RecipeError(f"expected a list of {_plural(item)}, got {value!r}", source=source, key=key)
         return [_check(v, item, key, source) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -395,8 +399,12 @@ def check_plugins(recipe: Recipe, registry: Any = None) -> None:
         params, var_kw = plugin.options()
         context = CONTEXT_PARAMS[kind]
         accepted = {k: p for k, p in params.items() if k not in context}
+        own = [f.name for f in dataclasses.fields(section) if f.name != "options"]
         for key, value in section.options.items():
             dotted = f"{section_name}.{key}"
+            near_own = difflib.get_close_matches(key, own, n=1, cutoff=0.8)
+            if key not in accepted and near_own:
+                raise RecipeError(f"unknown key {key!r} (did you mean {near_own[0]!r}?)", source=recipe.source, key=dotted)
             if key in context:
                 raise RecipeError(
                     f"{key!r} is set by deitctl, not in [{section_name}]"
@@ -409,7 +417,8 @@ def check_plugins(recipe: Recipe, registry: Any = None) -> None:
                     continue
                 raise RecipeError(
                     f"unknown option {key!r} for {SINGULAR[kind]} plugin {plugin_name!r} ({plugin.provider})"
-                    f"{_did_you_mean(key, accepted)}; it accepts: {', '.join(accepted) or 'no options'}",
+                    f"{_did_you_mean(key, [*accepted, *own])}; it accepts: {', '.join(accepted) or 'no options'}"
+                    f" (and the section's own keys: {', '.join(own)})",
                     source=recipe.source,
                     key=dotted,
                 )

@@ -20,6 +20,7 @@ class FrozenTeacher(nn.Module):
         # x_teacher = (x * in_std + in_mean - mean) / std = x * scale + shift
         self.register_buffer("scale", in_std / std, persistent=False)
         self.register_buffer("shift", (in_mean - mean) / std, persistent=False)
+        self.train(False)
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)

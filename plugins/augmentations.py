@@ -7,6 +7,26 @@ import deitctl
 from deitctl.api import Augmentation, as_tuple, make_mixup
 
 
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, safe on Pillow >= 13, which refuses 0 bits (timm's
+    PosterizeIncreasing asks for 0 at full magnitude; older Pillow gave black)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize() -> None:
+    from timm.data import auto_augment
+
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def eval_transform(img_size: int, mean, std, crop_pct: float = 0.875, interpolation: str = "bicubic"):
     """Resize by 1/crop_pct and centre-crop (the official DeiT evaluation);
     images of 32 px or less are only normalised, as in the official code."""
@@ -61,6 +81,7 @@ def deit(
     """The official DeiT training augmentation (paper Table 9)."""
     from timm.data import create_transform
 
+    _patch_posterize()
     train = create_transform(
         img_size,
         is_training=True,
