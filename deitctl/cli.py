@@ -154,6 +154,7 @@ def run_training(recipe, *, resume: bool = False, quiet: bool = False, depth: in
             raise RecipeError("teacher recipes nest too deeply", source=recipe.source, key="teacher.recipe")
         err.print(f"[bold]training the teacher first[/]: {escape(t.recipe)} (no {escape(t.checkpoint)} yet)", markup=True)
         teacher_result = run_training(load_recipe(t.recipe), quiet=quiet, depth=depth + 1)
+        teacher_result.trainer = None  # let its data-loader workers go
         if not Path(t.checkpoint).is_file():
             from deitctl.errors import RecipeError
 
@@ -216,7 +217,7 @@ def eval_cmd(
     from deitctl.inference import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(ckpt, data=data, model=model, split=split, ema=ema, overrides=sets or [],
-                                  progress=err if not as_json else None)
+                                  warn=lambda m: _warn([m]))
     if as_json:
         print(json.dumps(metrics))
         return
@@ -240,7 +241,7 @@ def predict(
     """Classify images with a checkpoint: the top-k classes and probabilities."""
     from deitctl.inference import predict_images
 
-    results = predict_images(ckpt, images, top_k=top_k)
+    results = predict_images(ckpt, images, top_k=top_k, warn=lambda m: _warn([m]))
     if as_json:
         print(json.dumps(results))
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -92,11 +93,42 @@ class SeededSampler(Sampler[tuple[int, int]]):
         return len(self.base) - self.skip  # type: ignore[arg-type]
 
 
-class SeededDataset(Dataset):
-    """Runs the wrapped dataset's transform under a per-sample seed."""
+class BadImageError(Exception):
+    """An image that cannot be read (the message names its path)."""
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+
+def unreadable_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    return (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+def sample_path(dataset: Any, index: int) -> str:
+    """The file behind ``dataset[index]`` (through Subsets), where the dataset says."""
+    while isinstance(dataset, Subset):
+        index, dataset = dataset.indices[index], dataset.dataset
+    samples = getattr(dataset, "samples", None)
+    return str(samples[index][0]) if samples else f"sample {index}"
+
+
+def clean_error_message(exc: BaseException) -> str:
+    """The original message of an exception re-raised by a DataLoader worker."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    prefix = f"{type(exc).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
+class SeededDataset(Dataset):
+    """Runs the wrapped dataset's transform under a per-sample seed; unreadable
+    images stop the run (``bad_images="error"``) or are replaced by the next
+    readable one and counted (``"skip"``)."""
+
+    def __init__(self, dataset: Dataset, bad_images: str = "error"):
+        import multiprocessing
+
+        self.dataset, self.bad_images = dataset, bad_images
+        self.skipped = multiprocessing.Value("i", 0)  # shared with forked workers
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -116,10 +148,23 @@ class SeededDataset(Dataset):
             torch.set_rng_state(pt)
 
     def _seeded(self, index: int, seed: int) -> Any:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also seed CUDA, 80x slower
-        return self.dataset[index]
+        size = len(self)
+        for attempt in range(min(size, 16)):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA, 80x slower
+            try:
+                return self.dataset[index]
+            except unreadable_errors() as exc:
+                path = sample_path(self.dataset, index)
+                cause = f"{type(exc).__name__}: {exc}"
+                if self.bad_images != "skip":
+                    raise BadImageError(f"{path}: unreadable image ({cause})") from None
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                sys.stderr.write(f"warning: skipping unreadable image {path} ({cause})\n")
+                index = (index + 1) % size
+        raise BadImageError(f"{sample_path(self.dataset, index)}: too many unreadable images in a row")
 
 
 def per_class_subset(dataset: Any, limit: int) -> Any:
@@ -149,6 +194,7 @@ def make_loader(
     pin_memory: bool = False,
     num_replicas: int = 1,
     rank: int = 0,
+    bad_images: str = "error",
 ) -> DataLoader:
     size = len(dataset)
     if train and repeats > 1:
@@ -156,7 +202,7 @@ def make_loader(
     else:
         base = ShuffleSampler(size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=train)
     return DataLoader(
-        SeededDataset(dataset),
+        SeededDataset(dataset, bad_images),
         batch_size=batch_size,
         sampler=SeededSampler(base, seed),
         num_workers=num_workers,

@@ -26,6 +26,7 @@ from deitctl.build import (
     build_teacher,
     check_student_strategy,
     has_dist_token,
+    init_student,
     normalization,
 )
 from deitctl.checkpoint import load_file, save_checkpoint
@@ -167,6 +168,8 @@ def assemble(recipe: Recipe, *, world_size: int = 1, rank: int = 0, with_teacher
         aug = build_augmentation(recipe, mean, std, num_classes)
         train_ds, val_ds, classes = _datasets(recipe, aug)
     classes = classes or [str(i) for i in range(num_classes)]
+    notes = init_student(student, recipe.student.checkpoint, recipe) if recipe.student.checkpoint else []
+    check_output(recipe, student, num_classes, "student")
     if len(train_ds) < recipe.data.batch_size * world_size:
         raise RecipeError(
             f"the training split has {len(train_ds)} images, fewer than one batch "
@@ -177,35 +180,41 @@ def assemble(recipe: Recipe, *, world_size: int = 1, rank: int = 0, with_teacher
     teacher = None
     if with_teacher if with_teacher is not None else recipe.uses_teacher:
         teacher = build_teacher(recipe, num_classes, mean, std)
-        check_teacher_output(recipe, teacher, num_classes)
+        check_output(recipe, teacher, num_classes, "teacher")
     pin = recipe.data.pin_memory and device.type == "cuda"
     loader_args = dict(num_workers=recipe.data.num_workers, pin_memory=pin, num_replicas=world_size, rank=rank,
-                       seed=recipe.run.seed)
+                       seed=recipe.run.seed, bad_images=recipe.data.bad_images)
     train_loader = make_loader(train_ds, batch_size=recipe.data.batch_size, train=True,
                                repeats=recipe.data.repeated_aug, **loader_args)
     val_loader = make_loader(val_ds, batch_size=recipe.data.batch_size, train=False, **loader_args)
-    return Parts(recipe, device, classes, mean, std, student, strategy, aug, train_loader, val_loader, teacher)
+    return Parts(recipe, device, classes, mean, std, student, strategy, aug, train_loader, val_loader, teacher,
+                 extra={"notes": notes})
 
 
-def check_teacher_output(recipe: Recipe, teacher: nn.Module, num_classes: int) -> None:
+def check_output(recipe: Recipe, module: nn.Module, num_classes: int, section: str) -> None:
+    """A dummy batch through a student or teacher: logits of shape (2, num_classes)?"""
     size = recipe.data.img_size
+    plugin = getattr(recipe, section).plugin
+    was_training = module.training
+    module.eval()
     with torch.no_grad():
         try:
-            out = teacher(torch.zeros(2, 3, size, size))
+            out = module(torch.zeros(2, 3, size, size))
         except Exception as exc:
             raise RecipeError(
-                f"teacher plugin {recipe.teacher.plugin!r} failed on a [2, 3, {size}, {size}] batch: "  # type: ignore[union-attr]
-                f"{type(exc).__name__}: {exc}",
+                f"{section} plugin {plugin!r} failed on a [2, 3, {size}, {size}] batch: {type(exc).__name__}: {exc}",
                 source=recipe.source,
-                key="teacher",
+                key=section,
             ) from None
+        finally:
+            module.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise RecipeError(
-            f"the teacher returned {shape} for a batch of 2; expected logits of shape (2, {num_classes}) "
-            "(teacher and student must have the same classes)",
+            f"the {section} ({plugin!r}) returned {shape} for a batch of 2 images; expected logits of shape "
+            f"[2, {num_classes}] ({num_classes} classes in the data)",
             source=recipe.source,
-            key="teacher",
+            key=section,
         )
 
 
@@ -341,6 +350,7 @@ class Trainer:
             if self.teacher is not None:
                 self.teacher_forward = torch.compile(self.teacher)
         self.start_epoch, self.best_acc1, self.num_updates, self.skipped_steps = 0, -1.0, 0, 0
+        self.resume_step, self.resume_partial = 0, {}
 
     def _base_criterion(self) -> nn.Module:
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -388,19 +398,27 @@ class Trainer:
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.best_acc1 = float(ckpt.get("best_acc1", -1.0))
         self.num_updates = int(ckpt.get("num_updates", 0))
+        self.resume_step = int(ckpt.get("resume_step", 0))
+        self.resume_partial = dict(ckpt.get("resume_partial", {}))
         set_rng_state(ckpt["rng"])
 
     # ---------------------------------------------------------------- loop
 
     def train_one_epoch(self, epoch: int, stop: StopRequest) -> dict[str, Any]:
+        """One epoch (or its rest, after a mid-epoch resume); stops early, at an
+        optimizer-update boundary, when a stop was requested (``"stopped_at"``)."""
         loader = self.parts.train_loader
-        loader.sampler.set_epoch(epoch)
+        skip, partial = self.resume_step, self.resume_partial
+        self.resume_step, self.resume_partial = 0, {}
+        loader.sampler.set_epoch(epoch, skip=skip * self.recipe.data.batch_size)
         self.student.train()
-        steps = len(loader)
+        steps = len(loader) + skip
         self.reporter.epoch_start(epoch, self.recipe.run.epochs, steps)
-        total_loss, seen, started = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
+        total_loss = float(partial.get("loss_sum", 0.0))
+        seen, elapsed0 = int(partial.get("seen", 0)), float(partial.get("elapsed", 0.0))
+        started, stopped_at = time.perf_counter(), None
         self.optimizer.zero_grad(set_to_none=True)
-        for step, (images, targets) in enumerate(loader):
+        for step, (images, targets) in enumerate(loader, start=skip):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             if self.mixup is not None:
@@ -418,21 +436,28 @@ class Trainer:
                     f"the loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopped. "
                     f"The last good checkpoint is kept in {self.out / 'last.pt'}"
                 )
-            self._backward(loss / self.accumulate, update=(step + 1) % self.accumulate == 0)
+            update = (step + 1) % self.accumulate == 0
+            self._backward(loss / self.accumulate, update=update)
             total_loss += loss_value * images.shape[0]
             seen += images.shape[0]
             self.reporter.step(images.shape[0], loss_value, self.optimizer.param_groups[0]["lr"])
-            if stop.requested:
+            if stop.requested and update and step + 1 < steps:
+                stopped_at = step + 1
                 break
-        elapsed = time.perf_counter() - started
-        self.scheduler.step(epoch + 1)
-        return {
-            "train_loss": float(total_loss) / max(seen, 1),
+        elapsed = elapsed0 + time.perf_counter() - started
+        out: dict[str, Any] = {
+            "train_loss": total_loss / max(seen, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": seen * self.world_size / max(elapsed, 1e-9),
             "train_images": seen * self.world_size,
             "epoch_time_s": elapsed,
         }
+        if stopped_at is not None:
+            out["stopped_at"] = stopped_at
+            out["partial"] = {"loss_sum": total_loss, "seen": seen, "elapsed": elapsed}
+        else:
+            self.scheduler.step(epoch + 1)
+        return out
 
     def _backward(self, loss: torch.Tensor, *, update: bool) -> None:
         clip = self.recipe.optimizer.clip_grad
@@ -473,7 +498,34 @@ class Trainer:
             metrics.update({"acc1_ema": ema["acc1"], "acc5_ema": ema["acc5"]})
         return metrics
 
+    def _save(self, state: dict[str, Any], name: str) -> None:
+        """Save atomically; never over a good checkpoint with non-finite weights."""
+        bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise RunError(
+                f"the weights are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
+                f"not saved, the last good checkpoint is kept in {self.out / name}"
+            )
+        try:
+            save_checkpoint(state, self.out / name)
+        except OSError as exc:
+            raise RunError(
+                f"could not write {self.out / name}: {exc.strerror or exc}; the previous {name} is intact"
+            ) from None
+
     def fit(self, *, resume: bool = False) -> TrainResult:
+        from deitctl.data import BadImageError, clean_error_message
+
+        try:
+            return self._fit(resume)
+        except BadImageError as exc:
+            raise UserError(
+                f"data: {clean_error_message(exc)}; set [data] bad_images = \"skip\" to skip unreadable images"
+            ) from None
+        finally:
+            self.reporter.close()
+
+    def _fit(self, resume: bool) -> TrainResult:
         r = self.recipe
         metrics_path = self.out / "metrics.jsonl"
         if resume:
@@ -481,23 +533,34 @@ class Trainer:
             if not last.exists():
                 raise UserError(f"{last}: nothing to resume (no last.pt in the output directory)")
             self.resume(last)
-            self.reporter.log(f"resuming from {last} at epoch {self.start_epoch + 1}")
+            where = f"epoch {self.start_epoch + 1}" + (f", step {self.resume_step + 1}" if self.resume_step else "")
+            self.reporter.log(f"resuming from {last} at {where}")
             _truncate_metrics(metrics_path, self.start_epoch)
         elif metrics_path.exists():
             metrics_path.unlink()
         if self.rank == 0:
             (self.out / "recipe.toml").write_text(r.to_toml(), encoding="utf-8")
+        for note in self.parts.extra.get("notes", []):
+            self.reporter.log(f"student initialised from {r.student.checkpoint}: {note}")
         self.reporter.log(
             f"{r.run.name}: {self.parts.num_classes} classes, {len(self.parts.train_loader.dataset)} training images, "
             f"device {self.device}, world size {self.world_size}, precision {r.run.precision}, lr {self.lr:.3g}"
         )
         last_metrics: dict[str, Any] = {}
         epoch = self.start_epoch - 1
+        skipped = self.parts.train_loader.dataset.skipped
         with StopRequest() as stop:
             for epoch in range(self.start_epoch, r.run.epochs):
                 train_metrics = self.train_one_epoch(epoch, stop)
-                if stop.requested:
-                    self.reporter.log(f"stopping: epoch {epoch + 1} interrupted, saving the last complete epoch")
+                if "stopped_at" in train_metrics:
+                    if self.rank == 0:
+                        state = self.state(epoch - 1, {})
+                        state.update(resume_step=train_metrics["stopped_at"], resume_partial=train_metrics["partial"])
+                        self._save(state, "last.pt")
+                    self.reporter.log(
+                        f"stopped at epoch {epoch + 1}, step {train_metrics['stopped_at']}; saved {self.out / 'last.pt'} "
+                        "(continue with --resume)"
+                    )
                     epoch -= 1
                     break
                 is_last = epoch + 1 == r.run.epochs
@@ -505,19 +568,27 @@ class Trainer:
                 last_metrics = {"epoch": epoch + 1, **train_metrics, **eval_metrics}
                 if self.skipped_steps:
                     last_metrics["skipped_steps"] = self.skipped_steps
+                if skipped.value:
+                    last_metrics["skipped_images"] = skipped.value
                 improved = "acc1" in eval_metrics and eval_metrics["acc1"] > self.best_acc1
                 if improved:
                     self.best_acc1 = eval_metrics["acc1"]
                 last_metrics["best_acc1"] = self.best_acc1
                 if self.rank == 0:
                     state = self.state(epoch, last_metrics)
-                    save_checkpoint(state, self.out / "last.pt")
+                    self._save(state, "last.pt")
                     if improved:
-                        save_checkpoint(state, self.out / "best.pt")
+                        self._save(state, "best.pt")
                     with open(metrics_path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(last_metrics) + "\n")
                 self.reporter.epoch_end(last_metrics)
-        self.reporter.close()
+                if stop.requested:
+                    self.reporter.log(f"stopped after epoch {epoch + 1}; continue with --resume")
+                    break
+        if skipped.value:
+            self.reporter.log(f"warning: {skipped.value} unreadable training images were skipped")
+        if self.skipped_steps:
+            self.reporter.log(f"{self.skipped_steps} fp16 steps were skipped by the gradient scaler (inf/NaN gradients)")
         return TrainResult(self.out, self.best_acc1, last_metrics, epoch + 1)
 
 
@@ -544,7 +615,20 @@ def prepare_output_dir(recipe: Recipe) -> Path:
 
 
 def recipe_of_checkpoint(ckpt: dict[str, Any], path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe a checkpoint carries; a teacher whose plugin is not installed
+    here is dropped with a warning (using the student does not need it)."""
+    from deitctl.recipe import check_plugins
+
     text = ckpt.get("recipe")
     if not isinstance(text, str):
         raise UserError(f"{path}: not a deitctl checkpoint (no recipe inside); pass --model and --data")
-    return recipe_from_text(text, f"{path} (embedded recipe)", overrides)
+    recipe = recipe_from_text(text, f"{path} (embedded recipe)", overrides, plugins=False)
+    try:
+        check_plugins(recipe)
+    except RecipeError as exc:
+        if recipe.teacher is None or not (exc.key or "").startswith("teacher"):
+            raise
+        recipe.warnings.append(f"teacher left out: {exc.detail}")
+        recipe.teacher = None
+        check_plugins(recipe)
+    return recipe

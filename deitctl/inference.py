@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,12 +42,15 @@ def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dic
 
 
 def load_student(ckpt_path: Path, *, model: str | None = None, data: Path | None = None, ema: bool = False,
-                 overrides: list[str] | None = None):
+                 overrides: list[str] | None = None, warn: Callable[[str], None] | None = None):
     """(recipe, student with weights, classes, mean, std) from a checkpoint."""
     ckpt = load_file(ckpt_path)
     ours = isinstance(ckpt, dict) and isinstance(ckpt.get("recipe"), str)
     if ours:
         recipe = recipe_of_checkpoint(ckpt, ckpt_path, overrides)
+        for message in recipe.warnings:
+            if warn is not None and message.startswith("teacher left out"):
+                warn(message)
         key = "model_ema" if ema else "model"
         if ema and not ckpt.get("model_ema"):
             raise UserError(f"{ckpt_path}: holds no EMA weights")
@@ -78,8 +81,10 @@ def load_student(ckpt_path: Path, *, model: str | None = None, data: Path | None
 
 
 def evaluate_checkpoint(ckpt: Path, *, data: Path | None = None, model: str | None = None, split: str | None = None,
-                        ema: bool = False, overrides: list[str] | None = None, progress: Any = None) -> dict[str, Any]:
-    recipe, student, classes, mean, std = load_student(ckpt, model=model, data=data, ema=ema, overrides=overrides)
+                        ema: bool = False, overrides: list[str] | None = None,
+                        warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    recipe, student, classes, mean, std = load_student(ckpt, model=model, data=data, ema=ema, overrides=overrides,
+                                                       warn=warn)
     split = split or recipe.data.val_split
     aug = build_augmentation(recipe, mean, std, len(classes))
     dataset = build_dataset(recipe, split, aug.eval_transform, len(classes))
@@ -109,10 +114,11 @@ def evaluate_checkpoint(ckpt: Path, *, data: Path | None = None, model: str | No
     return metrics
 
 
-def predict_images(ckpt: Path, images: list[Path], *, top_k: int = 5) -> list[dict[str, Any]]:
+def predict_images(ckpt: Path, images: list[Path], *, top_k: int = 5,
+                   warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     from PIL import Image, UnidentifiedImageError
 
-    recipe, student, classes, mean, std = load_student(ckpt)
+    recipe, student, classes, mean, std = load_student(ckpt, warn=warn)
     aug = build_augmentation(recipe, mean, std, len(classes))
     batch = []
     for path in images:

@@ -119,8 +119,11 @@ def _plugin_modules() -> list[tuple[str, str, Callable[[], Any]]]:
         seen.add((dist_name, ep.value))
         version = dist.version if dist is not None else "?"
         found.append((f"{dist_name} {version}", ep.value, ep.load))
+    loaded = {module for _, module, _ in found}
     for module in filter(None, (m.strip() for m in os.environ.get("DEITCTL_PLUGINS", "").split(","))):
-        found.append((module, module, partial(importlib.import_module, module)))
+        if module not in loaded:  # installed already: load it once
+            loaded.add(module)
+            found.append((module, module, partial(importlib.import_module, module)))
     return found
 
 

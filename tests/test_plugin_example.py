@@ -18,10 +18,14 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "deitctl-acme-teacher"
@@ -38,6 +42,8 @@ BUILTINS = {
     ("dataset", "imagefolder"),
 }
 PLUGIN_ENV = ("DEITCTL_DISABLE_PLUGIN_AUTOLOAD", "DEITCTL_PLUGINS")
+# "Not installed", even where someone did pip install the example: built-ins only.
+WITHOUT_ACME = {"DEITCTL_DISABLE_PLUGIN_AUTOLOAD": "1"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -148,7 +154,7 @@ def test_example_recipe_validates(acme_path):
 
 
 def test_example_recipe_without_the_plugin_is_a_clear_error():
-    proc = deitctl("recipe", "validate", str(EXAMPLE_RECIPE))
+    proc = deitctl("recipe", "validate", str(EXAMPLE_RECIPE), env=WITHOUT_ACME)
     assert proc.returncode == 2
     assert "teacher.plugin" in proc.stderr and "unknown teacher plugin 'acme-cnn'" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -339,7 +345,8 @@ def test_build_teacher_gives_logits_of_shape_batch_by_classes(acme_in_process, t
     from deitctl.build import IMAGENET_MEAN, IMAGENET_STD, build_teacher
     from deitctl.recipe import load_recipe
     from deitctl.teacher import FrozenTeacher
-    from deitctl_acme_teacher import AcmeCNN, acme_cnn
+    from deitctl_acme_teacher import acme_cnn
+    from deitctl_acme_teacher.model import AcmeCNN
 
     torch.manual_seed(0)
     reference = acme_cnn(num_classes=10, width=8, depth=2).eval()
@@ -427,19 +434,12 @@ def test_train_and_eval_with_the_acme_teacher(acme_path, distilled_from_acme):
     assert metrics["images"] == 10 and "teacher_agreement" in metrics and "acc1_dist" in metrics
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deitctl bug: load_student (deitctl/inference.py) re-checks the checkpoint's embedded recipe with "
-    "check_plugins, so the [teacher] plugin must be installed to evaluate or use a student, although neither "
-    "needs the teacher (eval already skips a teacher whose checkpoint is absent); exits 2 "
-    "\"unknown teacher plugin 'acme-cnn'\"",
-)
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_a_distilled_student_does_not_need_its_teacher_plugin(distilled_from_acme, command):
     image = next(iter(sorted((SAMPLE / "val" / "cat").glob("*.jpg"))))
     args = ["eval", "--ckpt", str(distilled_from_acme), "--json"] if command == "eval" else \
         ["predict", str(image), "--ckpt", str(distilled_from_acme), "--json"]
-    proc = deitctl(*args)  # the plugin is not installed here
+    proc = deitctl(*args, env=WITHOUT_ACME)  # the plugin is not installed here
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     if command == "eval":
@@ -451,13 +451,55 @@ def test_a_distilled_student_does_not_need_its_teacher_plugin(distilled_from_acm
 # --------------------------------------------------------------------------- loading one plugin twice
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deitctl bug: a module both installed (entry point) and named in DEITCTL_PLUGINS is registered twice "
-    "with pluggy (deitctl/registry.py build_registry), which raises 'Plugin already registered under a "
-    "different name'; deitctl reports that as a load failure although the plugin loaded and works",
-)
 def test_an_installed_plugin_also_in_deitctl_plugins_loads_once_without_failure(acme_path):
     listing = plugins_json(path=acme_path, env={"DEITCTL_PLUGINS": "deitctl_acme_teacher"})
     assert rows(listing)[("teacher", "acme-cnn")]["provider"] == ACME_PROVIDER
     assert listing["failures"] == []
+
+
+# --------------------------------------------------------------------------- [student] checkpoint
+
+
+def test_student_checkpoint_initialises_a_plugin_student(acme_in_process, tmp_path):
+    import torch
+
+    from deitctl.engine import Trainer
+    from deitctl.recipe import recipe_from_text
+    from deitctl_acme_teacher import acme_cnn
+
+    if not SAMPLE.is_dir():
+        pytest.skip(f"no {SAMPLE}")
+    weights = acme_cnn(num_classes=10, width=8, depth=1)
+    torch.nn.init.constant_(weights.head.weight, 0.125)
+    torch.save(weights.state_dict(), tmp_path / "student.pt")
+    recipe = recipe_from_text(
+        textwrap.dedent(f"""
+        [run]
+        epochs = 1
+        device = "cpu"
+        progress = "none"
+        output_dir = {json.dumps(str(tmp_path / "run"))}
+        [data]
+        root = {json.dumps(str(SAMPLE))}
+        img_size = 32
+        batch_size = 10
+        num_workers = 0
+        repeated_aug = 1
+        train_per_class = 2
+        val_per_class = 1
+        [student]
+        plugin = "acme-cnn"
+        width = 8
+        depth = 1
+        checkpoint = {json.dumps(str(tmp_path / "student.pt"))}
+        [augmentation]
+        plugin = "simple"
+        [distillation]
+        strategy = "none"
+        [ema]
+        enabled = false
+        """),
+        "student-checkpoint.toml",
+    )
+    trainer = Trainer(recipe)
+    assert torch.equal(trainer.student.head.weight.detach().cpu(), weights.head.weight.detach())
