@@ -134,37 +134,40 @@ def recipe_validate(recipe: Path = typer.Argument(..., help="Recipe file (TOML).
 # --------------------------------------------------------------------------- train
 
 
-def _progress_mode(r) -> str:
-    return r.run.progress
-
-
-def run_training(recipe, *, resume: bool = False, quiet: bool = False, depth: int = 0):
+def run_training(recipe, *, resume: bool = False, quiet: bool = False, depth: int = 0, world=None):
     """Train a recipe, first training its teacher when the recipe says how."""
+    from deitctl.distributed import World, barrier
     from deitctl.engine import Trainer, prepare_output_dir
+    from deitctl.errors import RecipeError
     from deitctl.progress import RichReporter
     from deitctl.recipe import load_recipe
     from deitctl.validate import validate
 
-    _warn(validate(recipe))
+    world = world or World()
+    notes = validate(recipe)
+    if world.is_main:
+        _warn(notes)
     t = recipe.teacher
     if recipe.uses_teacher and t is not None and t.recipe and not Path(t.checkpoint).is_file():
         if depth > 2:
-            from deitctl.errors import RecipeError
-
             raise RecipeError("teacher recipes nest too deeply", source=recipe.source, key="teacher.recipe")
-        err.print(f"[bold]training the teacher first[/]: {escape(t.recipe)} (no {escape(t.checkpoint)} yet)", markup=True)
-        teacher_result = run_training(load_recipe(t.recipe), quiet=quiet, depth=depth + 1)
+        if world.is_main:
+            err.print(f"[bold]training the teacher first[/]: {escape(t.recipe)} (no {escape(t.checkpoint)} yet)",
+                      markup=True)
+        teacher_result = run_training(load_recipe(t.recipe), quiet=quiet, depth=depth + 1, world=world)
         teacher_result.trainer = None  # let its data-loader workers go
+        barrier()
         if not Path(t.checkpoint).is_file():
-            from deitctl.errors import RecipeError
-
             raise RecipeError(
                 f"the teacher recipe {t.recipe} ran into {teacher_result.output_dir} but {t.checkpoint} does not exist",
                 source=recipe.source, key="teacher.checkpoint")
-    prepare_output_dir(recipe)
-    reporter = RichReporter(err, _progress_mode(recipe), enabled=not quiet)
-    trainer = Trainer(recipe, reporter)
+    if world.is_main:
+        prepare_output_dir(recipe)
+    barrier()
+    reporter = RichReporter(err, recipe.run.progress, enabled=not quiet and world.is_main)
+    trainer = Trainer(recipe, reporter, world=world)
     result = trainer.fit(resume=resume)
+    barrier()
     result.trainer = trainer  # type: ignore[attr-defined]
     return result
 
@@ -178,15 +181,25 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT_DIR/last.pt."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Train a student (and its teacher first, when the recipe names a teacher recipe)."""
+    """Train a student (and its teacher first, when the recipe names a teacher recipe).
+
+    Under torchrun (``torchrun --nproc_per_node=N -m deitctl train RECIPE``) every
+    process trains its share with DistributedDataParallel.
+    """
+    from deitctl.distributed import init_from_env, shutdown
+    from deitctl.engine import resolve_device
+
     r = _load(recipe, (sets or []) + ([f"run.output_dir={json.dumps(str(output_dir))}"] if output_dir else []))
-    result = run_training(r, resume=resume, quiet=quiet)
-    trainer = result.trainer
-    summary = {"output_dir": str(result.output_dir), "best_acc1": result.best_acc1, **result.last}
+    world = init_from_env(resolve_device(r).type)
+    try:
+        result = run_training(r, resume=resume, quiet=quiet, world=world)
+        final = result.last if "teacher_acc1" in result.last else None
+    finally:
+        shutdown()
+    if not world.is_main:
+        return
     rows = [("student", r.student.options.get("model", r.student.plugin), result.last.get("acc1"), result.best_acc1)]
-    if r.teacher is not None and trainer.teacher is not None:
-        final = trainer.evaluate(with_teacher=True)
-        summary.update({k: final[k] for k in ("teacher_acc1", "teacher_agreement")})
+    if final is not None:
         rows.insert(0, ("teacher", r.teacher.options.get("model", r.teacher.plugin), final["teacher_acc1"], None))
     table = Table(title=f"{r.run.name}: results on {r.data.val_split} ({result.last.get('epoch', 0)} epochs)")
     for col in ("role", "model", "last top-1", "best top-1"):
@@ -194,8 +207,8 @@ def train(
     for role, model, last, best in rows:
         table.add_row(role, str(model), f"{last:.2f}" if last is not None else "-", f"{best:.2f}" if best is not None else "-")
     out.print(table)
-    if "teacher_agreement" in summary:
-        out.print(f"student-teacher agreement: {summary['teacher_agreement']:.2f}%")
+    if final is not None:
+        out.print(f"student-teacher agreement: {final['teacher_agreement']:.2f}%")
     out.print(f"checkpoints and metrics in {result.output_dir}")
 
 
@@ -252,6 +265,27 @@ def predict(
         for row in item["top"]:
             table.add_row(row["class"], f"{row['probability']:.4f}")
         out.print(table)
+
+
+@app.command()
+@handles_errors
+def benchmark(
+    recipe: Path = typer.Argument(..., help="Recipe file (TOML)."),
+    sets: Optional[List[str]] = SetOption,
+    steps: int = typer.Option(20, "--steps", min=1, help="Timed steps (training and evaluation)."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps first."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Measure a recipe: training step, evaluation and data-loader images/s, teacher share, peak memory."""
+    from deitctl.benchmark import results_table, run_benchmark
+
+    r = _load(recipe, sets)
+    _warn(r.warnings)
+    result = run_benchmark(r, steps=steps, warmup=warmup, warn=lambda m: _warn([m]))
+    if as_json:
+        print(json.dumps(result))
+        return
+    out.print(results_table(result, r, steps=steps, warmup=warmup))
 
 
 def main() -> None:

@@ -35,6 +35,9 @@ class RepeatedAugSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def global_position(self, local: int) -> int:
+        return local * self.num_replicas + self.rank
+
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
@@ -50,16 +53,25 @@ class RepeatedAugSampler(Sampler[int]):
 
 
 class ShuffleSampler(Sampler[int]):
-    """A seeded shuffle per epoch, split over processes like DistributedSampler."""
+    """A seeded shuffle per epoch, split over processes like DistributedSampler.
 
-    def __init__(self, size: int, *, seed: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True):
+    Training pads to equal shares (as DistributedSampler); evaluation
+    (``pad=False``) gives each image to exactly one process, so totals are exact.
+    """
+
+    def __init__(self, size: int, *, seed: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 pad: bool = True):
         self.size, self.seed, self.num_replicas, self.rank, self.shuffle, self.epoch = (
             size, seed, num_replicas, rank, shuffle, 0,
         )
-        self.num_samples = math.ceil(size / num_replicas)
+        self.pad = pad
+        self.num_samples = math.ceil(size / num_replicas) if pad else len(range(rank, size, num_replicas))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def global_position(self, local: int) -> int:
+        return local * self.num_replicas + self.rank
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
@@ -67,7 +79,8 @@ class ShuffleSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
-        order += order[: self.num_samples * self.num_replicas - len(order)]
+        if self.pad:
+            order += order[: self.num_samples * self.num_replicas - len(order)]
         return iter(order[self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
@@ -85,9 +98,10 @@ class SeededSampler(Sampler[tuple[int, int]]):
         self.base.set_epoch(epoch)  # type: ignore[attr-defined]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        to_global = getattr(self.base, "global_position", lambda p: p)
         for position, index in enumerate(self.base):
-            if position >= self.skip:
-                yield index, sample_seed(self.seed, self.epoch, position)
+            if position >= self.skip:  # seeds follow the global position: any process count, same augmentation
+                yield index, sample_seed(self.seed, self.epoch, to_global(position))
 
     def __len__(self) -> int:
         return len(self.base) - self.skip  # type: ignore[arg-type]
@@ -200,7 +214,7 @@ def make_loader(
     if train and repeats > 1:
         base: Sampler[int] = RepeatedAugSampler(size, repeats=repeats, seed=seed, num_replicas=num_replicas, rank=rank)
     else:
-        base = ShuffleSampler(size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=train)
+        base = ShuffleSampler(size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=train, pad=train)
     return DataLoader(
         SeededDataset(dataset, bad_images),
         batch_size=batch_size,

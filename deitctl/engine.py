@@ -31,6 +31,7 @@ from deitctl.build import (
 )
 from deitctl.checkpoint import load_file, save_checkpoint
 from deitctl.data import check_classes, make_loader, per_class_subset
+from deitctl.distributed import World, all_reduce_sum, any_rank
 from deitctl.errors import RecipeError, RunError, UserError
 from deitctl.evaluation import evaluate
 from deitctl.recipe import Recipe, recipe_from_text
@@ -315,8 +316,10 @@ def _strip_compile(state: dict[str, Any]) -> dict[str, Any]:
 class Trainer:
     """One training run."""
 
-    def __init__(self, recipe: Recipe, reporter: Reporter | None = None, *, rank: int = 0, world_size: int = 1):
+    def __init__(self, recipe: Recipe, reporter: Reporter | None = None, *, world: World | None = None):
         self.recipe, self.reporter = recipe, reporter or Reporter()
+        self.world = world or World()
+        rank, world_size = self.world.rank, self.world.world_size
         self.rank, self.world_size = rank, world_size
         self.out = recipe.output_dir
         seed_everything(recipe.run.seed + rank)
@@ -343,12 +346,18 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.student, decay=recipe.ema.decay, use_warmup=recipe.ema.warmup)
-        self.forward = self.student
+        self.forward: nn.Module = self.student
         self.teacher_forward = self.teacher
         if recipe.run.compile:
             self.forward = torch.compile(self.student)
             if self.teacher is not None:
                 self.teacher_forward = torch.compile(self.teacher)
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(
+                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.start_epoch, self.best_acc1, self.num_updates, self.skipped_steps = 0, -1.0, 0, 0
         self.resume_step, self.resume_partial = 0, {}
 
@@ -423,33 +432,36 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
-            with self.autocast():
-                outputs = self.forward(images)
-                teacher_logits = None
-                if self.teacher_forward is not None and getattr(self.parts.strategy, "uses_teacher", True):
-                    t_in = images.contiguous(memory_format=torch.channels_last) if self.recipe.run.channels_last else images
-                    teacher_logits = self.teacher_forward(t_in)
-                loss = self.parts.strategy(outputs, targets, teacher_logits, self.base_criterion)
-            loss_value = loss.detach().float().item()
-            if not math.isfinite(loss_value):
-                raise RunError(
-                    f"the loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopped. "
-                    f"The last good checkpoint is kept in {self.out / 'last.pt'}"
-                )
             update = (step + 1) % self.accumulate == 0
-            self._backward(loss / self.accumulate, update=update)
+            sync = contextlib.nullcontext() if update or not self.world.distributed else self.forward.no_sync()
+            with sync:
+                with self.autocast():
+                    outputs = self.forward(images)
+                    teacher_logits = None
+                    if self.teacher_forward is not None and getattr(self.parts.strategy, "uses_teacher", True):
+                        t_in = images.contiguous(memory_format=torch.channels_last) if self.recipe.run.channels_last else images
+                        teacher_logits = self.teacher_forward(t_in)
+                    loss = self.parts.strategy(outputs, targets, teacher_logits, self.base_criterion)
+                loss_value = loss.detach().float().item()
+                if not math.isfinite(loss_value):
+                    raise RunError(
+                        f"the loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                        f"The last good checkpoint is kept in {self.out / 'last.pt'}"
+                    )
+                self._backward(loss / self.accumulate, update=update)
             total_loss += loss_value * images.shape[0]
             seen += images.shape[0]
-            self.reporter.step(images.shape[0], loss_value, self.optimizer.param_groups[0]["lr"])
-            if stop.requested and update and step + 1 < steps:
+            self.reporter.step(images.shape[0] * self.world_size, loss_value, self.optimizer.param_groups[0]["lr"])
+            if update and step + 1 < steps and any_rank(stop.requested, self.device):
                 stopped_at = step + 1
                 break
         elapsed = elapsed0 + time.perf_counter() - started
+        total_all, seen_all = all_reduce_sum([total_loss, float(seen)], self.device)
         out: dict[str, Any] = {
-            "train_loss": total_loss / max(seen, 1),
+            "train_loss": total_all / max(seen_all, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "images_per_s": seen * self.world_size / max(elapsed, 1e-9),
-            "train_images": seen * self.world_size,
+            "images_per_s": seen_all / max(elapsed, 1e-9),
+            "train_images": int(seen_all),
             "epoch_time_s": elapsed,
         }
         if stopped_at is not None:
@@ -564,7 +576,9 @@ class Trainer:
                     epoch -= 1
                     break
                 is_last = epoch + 1 == r.run.epochs
-                eval_metrics = self.evaluate() if (epoch + 1) % r.run.eval_every == 0 or is_last else {}
+                # the last evaluation also measures the teacher and the agreement (paper, Table 4)
+                eval_metrics = (self.evaluate(with_teacher=is_last and self.teacher is not None)
+                                if (epoch + 1) % r.run.eval_every == 0 or is_last else {})
                 last_metrics = {"epoch": epoch + 1, **train_metrics, **eval_metrics}
                 if self.skipped_steps:
                     last_metrics["skipped_steps"] = self.skipped_steps
@@ -582,7 +596,7 @@ class Trainer:
                     with open(metrics_path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(last_metrics) + "\n")
                 self.reporter.epoch_end(last_metrics)
-                if stop.requested:
+                if any_rank(stop.requested, self.device) and not is_last:
                     self.reporter.log(f"stopped after epoch {epoch + 1}; continue with --resume")
                     break
         if skipped.value:

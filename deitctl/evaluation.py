@@ -88,5 +88,7 @@ def evaluate(
     out = {"acc1": acc1.compute().item() * 100, "acc5": acc5.compute().item() * 100, "loss": loss.compute().item()}
     for key, metric in extra.items():
         out[key] = metric.compute().item() * 100
-    out["images"] = images
+    from deitctl.distributed import all_reduce_sum
+
+    out["images"] = int(all_reduce_sum([float(images)], device)[0])
     return out
