@@ -439,8 +439,7 @@ class Trainer:
                     outputs = self.forward(images)
                     teacher_logits = None
                     if self.teacher_forward is not None and getattr(self.parts.strategy, "uses_teacher", True):
-                        t_in = images.contiguous(memory_format=torch.channels_last) if self.recipe.run.channels_last else images
-                        teacher_logits = self.teacher_forward(t_in)
+                        teacher_logits = self.teacher_logits(images)
                     loss = self.parts.strategy(outputs, targets, teacher_logits, self.base_criterion)
                 loss_value = loss.detach().float().item()
                 if not math.isfinite(loss_value):
@@ -470,6 +469,15 @@ class Trainer:
         else:
             self.scheduler.step(epoch + 1)
         return out
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher on the student's (augmented, mixed) batch, in inference mode."""
+        assert self.teacher_forward is not None
+        if self.recipe.run.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            logits = self.teacher_forward(images)
+        return logits.clone()  # a normal tensor again: the loss may save it for backward
 
     def _backward(self, loss: torch.Tensor, *, update: bool) -> None:
         clip = self.recipe.optimizer.clip_grad
