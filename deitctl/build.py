@@ -13,14 +13,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def call_factory(plugin: Plugin, context: dict[str, Any], options: dict[str, Any], recipe: Recipe, section: str):
-    """Call a plugin factory with the context it asks for and the recipe's options."""
+def call_factory(plugin: Plugin, context: dict[str, Any], options: dict[str, Any], recipe: Recipe, section: str,
+                 passthrough: tuple[type[BaseException], ...] = ()):
+    """Call a plugin factory with the context it asks for and the recipe's options;
+    its errors become one message naming the plugin, its provider and the section."""
     params, _ = plugin.options()
     kwargs = {k: v for k, v in context.items() if k in params}
     kwargs.update(options)
     try:
         return plugin.factory(**kwargs)
-    except DeitctlError:
+    except (DeitctlError, *passthrough):
         raise
     except Exception as exc:
         raise RecipeError(
@@ -115,20 +117,12 @@ def build_dataset(recipe: Recipe, split: str, transform, num_classes: int = 0):
         "img_size": recipe.data.img_size,
     }
     try:
-        return plugin.factory(**{k: v for k, v in context.items() if k in plugin.options()[0]}, **recipe.data.options)
+        return call_factory(plugin, context, recipe.data.options, recipe, "data", passthrough=(FileNotFoundError,))
     except FileNotFoundError as exc:
         raise RecipeError(
             f"{exc.args[0] if exc.args else exc} (split {split!r} of dataset {recipe.data.dataset!r})",
             source=recipe.source,
             key="data.root",
-        ) from None
-    except DeitctlError:
-        raise
-    except Exception as exc:
-        raise RecipeError(
-            f"dataset plugin {plugin.name!r} ({plugin.provider}) failed on split {split!r}: {type(exc).__name__}: {exc}",
-            source=recipe.source,
-            key="data",
         ) from None
 
 

@@ -98,10 +98,8 @@ def deit(
     )
     if img_size <= 32:
         train = _small_crop(train, img_size, small_crop_padding)
-    mix = make_mixup(
-        mixup=mixup, cutmix=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
-        mode=mixup_mode, smoothing=smoothing, num_classes=num_classes,
-    )
+    mix = make_mixup(mixup=mixup, cutmix=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob, mode=mixup_mode,
+                     smoothing=smoothing, num_classes=num_classes)
     return Augmentation(train, eval_transform(img_size, mean, std, crop_pct, interpolation), mix, smoothing)
 
 
@@ -145,10 +143,8 @@ def three_augment(
     if color_jitter > 0:
         steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
     steps += [T.ToTensor(), T.Normalize(as_tuple(mean), as_tuple(std))]
-    mix = make_mixup(
-        mixup=mixup, cutmix=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
-        mode=mixup_mode, smoothing=smoothing, num_classes=num_classes,
-    )
+    mix = make_mixup(mixup=mixup, cutmix=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob, mode=mixup_mode,
+                     smoothing=smoothing, num_classes=num_classes)
     return Augmentation(T.Compose(steps), eval_transform(img_size, mean, std, crop_pct), mix, smoothing)
 
 
@@ -177,10 +173,8 @@ def simple(
     else:
         crop = [T.RandomResizedCrop(img_size, scale=as_tuple(scale), interpolation=T.InterpolationMode.BICUBIC)]
     steps = crop + [T.RandomHorizontalFlip(hflip), T.ToTensor(), T.Normalize(as_tuple(mean), as_tuple(std))]
-    mix = make_mixup(
-        mixup=mixup, cutmix=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
-        mode=mixup_mode, smoothing=smoothing, num_classes=num_classes,
-    )
+    mix = make_mixup(mixup=mixup, cutmix=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob, mode=mixup_mode,
+                     smoothing=smoothing, num_classes=num_classes)
     return Augmentation(T.Compose(steps), eval_transform(img_size, mean, std, crop_pct), mix, smoothing)
 
 
