@@ -16,7 +16,8 @@ from deitctl.evaluation import evaluate
 from deitctl.recipe import Recipe, recipe_from_dict
 
 
-def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dict[str, Any]) -> Recipe:
+def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dict[str, Any],
+                    overrides: list[str] | None = None) -> Recipe:
     """A recipe for official DeiT / timm weights: ``--model`` and ``--data``."""
     if not model or not data:
         raise UserError(f"{ckpt}: not a deitctl checkpoint (no recipe inside); pass --model NAME and --data ROOT")
@@ -32,8 +33,9 @@ def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dic
                  "num_classes": int(head.shape[0]) if head is not None else 0},
         "ema": {"enabled": False},
     }
-    if model.startswith("deit") and "distilled" in model:
-        raw["distillation"] = {"strategy": "none"}
+    from deitctl.recipe import apply_overrides
+
+    apply_overrides(raw, overrides or [])
     recipe = recipe_from_dict(raw, f"{ckpt} (--model {model})")
     from deitctl.recipe import check_plugins
 
@@ -59,7 +61,7 @@ def load_student(ckpt_path: Path, *, model: str | None = None, data: Path | None
     else:
         state = extract_state_dict(ckpt, ckpt_path, prefer=("model_ema", "model", "state_dict") if ema else
                                    ("model", "state_dict", "model_ema"))
-        recipe = _foreign_recipe(ckpt_path, model, data, state)
+        recipe = _foreign_recipe(ckpt_path, model, data, state, overrides)
         classes = []
     if data is not None:
         recipe.data.root = str(data)

@@ -130,3 +130,22 @@ def test_teacher_renormalises_and_resizes():
     teacher(x)
     assert seen["x"].shape == (1, 3, 16, 16)
     torch.testing.assert_close(seen["x"], torch.ones(1, 3, 16, 16))
+
+
+def test_eval_official_deit_checkpoint_with_model_and_data(tmp_path):
+    """Weights in the official DeiT layout ({"model": state_dict}) need --model and --data."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, depth=1)
+    path = tmp_path / "deit_tiny_distilled.pth"
+    torch.save({"model": model.state_dict(), "epoch": 299}, path)
+    sample = ROOT / "data" / "cifar10-sample"
+    args = ["eval", "--ckpt", str(path), "--model", "deit_tiny_distilled_patch16_224", "--data", str(sample),
+            "--set", "data.val_per_class=2", "--set", "data.num_workers=0", "--set", "student.depth=1", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["images"] == 20 and {"acc1", "acc5", "loss", "acc1_cls", "acc1_dist"} <= metrics.keys()
+    result = runner.invoke(app, ["eval", "--ckpt", str(path), "--json"])
+    assert result.exit_code == 2 and "--model" in result.output
