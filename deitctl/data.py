@@ -126,8 +126,17 @@ def clean_error_message(exc: BaseException) -> str:
     """The original message of an exception re-raised by a DataLoader worker."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     last = lines[-1] if lines else type(exc).__name__
-    prefix = f"{type(exc).__name__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.split(".")[-1] == type(exc).__name__ else last
+
+
+def _worker_init(_: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the main process, which stops cleanly
+    (a Ctrl-C or a scheduler's SIGTERM reaches the whole process group)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SeededDataset(Dataset):
@@ -221,6 +230,9 @@ def make_loader(
         drop_last=train,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        # a fixed base seed: the loader draws nothing from the global RNG (samples are seeded one by one)
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -408,8 +408,32 @@ class Trainer:
         self.best_acc1 = float(ckpt.get("best_acc1", -1.0))
         self.num_updates = int(ckpt.get("num_updates", 0))
         self.resume_step = int(ckpt.get("resume_step", 0))
+        self._warn_changed_settings(ckpt.get("recipe", ""))
         self.resume_partial = dict(ckpt.get("resume_partial", {}))
         set_rng_state(ckpt["rng"])
+
+    def _warn_changed_settings(self, saved_text: str) -> None:
+        """On resume, optimizer and schedule state come from the checkpoint."""
+        from deitctl.recipe import parse_toml
+
+        try:
+            saved = parse_toml(saved_text, "checkpoint")
+        except Exception:
+            return
+        now = self.recipe.to_dict()
+        changed = [
+            f"{section}.{key}"
+            for section in ("optimizer", "schedule")
+            for key, value in now.get(section, {}).items()
+            if saved.get(section, {}).get(key, value) != value
+        ]
+        if saved.get("run", {}).get("epochs", self.recipe.run.epochs) != self.recipe.run.epochs:
+            changed.append("run.epochs")
+        if changed:
+            self.reporter.log(
+                f"warning: resuming keeps the checkpoint's optimizer and schedule state; changed settings "
+                f"not applied to them: {', '.join(changed)}"
+            )
 
     # ---------------------------------------------------------------- loop
 
@@ -526,12 +550,12 @@ class Trainer:
                 f"the weights are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
                 f"not saved, the last good checkpoint is kept in {self.out / name}"
             )
+        existed = (self.out / name).exists()
         try:
             save_checkpoint(state, self.out / name)
         except OSError as exc:
-            raise RunError(
-                f"could not write {self.out / name}: {exc.strerror or exc}; the previous {name} is intact"
-            ) from None
+            kept = f"the previous {name} is intact" if existed else f"no {name} was written"
+            raise RunError(f"could not write {self.out / name}: {exc.strerror or exc}; {kept}") from None
 
     def fit(self, *, resume: bool = False) -> TrainResult:
         from deitctl.data import BadImageError, clean_error_message
@@ -558,6 +582,9 @@ class Trainer:
             _truncate_metrics(metrics_path, self.start_epoch)
         elif metrics_path.exists():
             metrics_path.unlink()
+        if self.rank == 0:
+            for stale in self.out.glob(".*.pt.*.tmp"):  # left by a killed run
+                stale.unlink(missing_ok=True)
         if self.rank == 0:
             (self.out / "recipe.toml").write_text(r.to_toml(), encoding="utf-8")
         for note in self.parts.extra.get("notes", []):
@@ -597,12 +624,13 @@ class Trainer:
                     self.best_acc1 = eval_metrics["acc1"]
                 last_metrics["best_acc1"] = self.best_acc1
                 if self.rank == 0:
-                    state = self.state(epoch, last_metrics)
-                    self._save(state, "last.pt")
-                    if improved:
-                        self._save(state, "best.pt")
+                    # last.pt is the commit point: what precedes it is redone on --resume
                     with open(metrics_path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(last_metrics) + "\n")
+                    state = self.state(epoch, last_metrics)
+                    if improved:
+                        self._save(state, "best.pt")
+                    self._save(state, "last.pt")
                 self.reporter.epoch_end(last_metrics)
                 if any_rank(stop.requested, self.device) and not is_last:
                     self.reporter.log(f"stopped after epoch {epoch + 1}; continue with --resume")
