@@ -288,6 +288,22 @@ def benchmark(
     out.print(results_table(result, r, steps=steps, warmup=warmup))
 
 
+@app.command()
+@handles_errors
+def compare(
+    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Output directories of `deitctl train`."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list (one object per run) instead of a table."),
+) -> None:
+    """Compare runs side by side: strategy, teacher, epochs, best and last top-1, top-5, teacher agreement, images/s."""
+    from deitctl.compare import compare_runs, print_table
+
+    rows = compare_runs(run_dirs)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print_table(out, rows)
+
+
 def main() -> None:
     """Entry point for ``deitctl`` and ``python -m deitctl``."""
     app(prog_name="deitctl")

@@ -530,13 +530,21 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.student, step=self.num_updates)
 
+    def _eval_teacher(self) -> nn.Module | None:
+        """The training teacher, or (strategy none) the recipe's teacher when its weights exist."""
+        t = self.recipe.teacher
+        if self.teacher is None and t is not None and t.checkpoint and Path(t.checkpoint).is_file():
+            p = self.parts
+            self.teacher = build_teacher(self.recipe, p.num_classes, p.mean, p.std).to(self.device)
+        return self.teacher
+
     def evaluate(self, *, with_teacher: bool = False) -> dict[str, Any]:
         loader = self.parts.val_loader
         self.reporter.eval_start(len(loader))
         common = dict(num_classes=self.parts.num_classes, device=self.device, autocast=self.autocast,
                       on_batch=self.reporter.eval_step)
-        metrics = evaluate(self.student, loader, teacher=self.teacher if with_teacher else None,
-                           channels_last=self.recipe.run.channels_last, **common)
+        teacher = self._eval_teacher() if with_teacher else None
+        metrics = evaluate(self.student, loader, teacher=teacher, channels_last=self.recipe.run.channels_last, **common)
         if self.ema is not None:
             ema = evaluate(self.ema.module, loader, **common)
             metrics.update({"acc1_ema": ema["acc1"], "acc5_ema": ema["acc5"]})
@@ -612,7 +620,7 @@ class Trainer:
                     break
                 is_last = epoch + 1 == r.run.epochs
                 # the last evaluation also measures the teacher and the agreement (paper, Table 4)
-                eval_metrics = (self.evaluate(with_teacher=is_last and self.teacher is not None)
+                eval_metrics = (self.evaluate(with_teacher=is_last)
                                 if (epoch + 1) % r.run.eval_every == 0 or is_last else {})
                 last_metrics = {"epoch": epoch + 1, **train_metrics, **eval_metrics}
                 if self.skipped_steps:

@@ -32,9 +32,11 @@ def validate(recipe: Recipe) -> list[str]:
         if recipe.teacher is not None:
             build_teacher(recipe, num_classes, mean, std, load=False)
     build_augmentation(recipe, mean, std, num_classes)
+    if recipe.student.checkpoint and not Path(recipe.student.checkpoint).is_file():
+        notes.append(f"student: checkpoint {recipe.student.checkpoint} does not exist here (needed to train)")
     t = recipe.teacher
     if t is not None and t.checkpoint and not Path(t.checkpoint).is_file():
-        if t.recipe:
+        if t.recipe and recipe.uses_teacher:
             if not Path(t.recipe).is_file():
                 raise RecipeError(f"no such teacher recipe {t.recipe!r}", source=recipe.source, key="teacher.recipe")
             notes.append(f"teacher: {t.checkpoint} does not exist yet; `deitctl train` will train it first with {t.recipe}")
