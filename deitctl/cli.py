@@ -155,7 +155,8 @@ def run_training(recipe, *, resume: bool = False, quiet: bool = False, depth: in
             err.print(f"[bold]training the teacher first[/]: {escape(t.recipe)} (no {escape(t.checkpoint)} yet)",
                       markup=True)
         teacher_result = run_training(load_recipe(t.recipe), quiet=quiet, depth=depth + 1, world=world)
-        teacher_result.trainer = None  # let its data-loader workers go
+        teacher_result.trainer.close()  # its data-loader workers are done
+        teacher_result.trainer = None
         barrier()
         if not Path(t.checkpoint).is_file():
             raise RecipeError(
@@ -194,6 +195,7 @@ def train(
     try:
         result = run_training(r, resume=resume, quiet=quiet, world=world)
         final = result.last if "teacher_acc1" in result.last else None
+        result.trainer.close()
     finally:
         shutdown()
     if not world.is_main:

@@ -236,6 +236,17 @@ def make_loader(
     )
 
 
+def release_workers(loader: Any) -> None:
+    """Stop a loader's persistent worker processes now (they would otherwise sit
+    on prefetched batches until the loader is garbage-collected)."""
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+    if iterator is not None:
+        loader._iterator = None
+
+
 def check_classes(train_classes: Sequence[str], val_classes: Sequence[str]) -> list[str]:
     """Names of validation classes that training does not have."""
     return [c for c in val_classes if c not in set(train_classes)]

@@ -30,7 +30,7 @@ from deitctl.build import (
     normalization,
 )
 from deitctl.checkpoint import load_file, save_checkpoint
-from deitctl.data import check_classes, make_loader, per_class_subset
+from deitctl.data import check_classes, make_loader, per_class_subset, release_workers
 from deitctl.distributed import World, all_reduce_sum, any_rank
 from deitctl.errors import RecipeError, RunError, UserError
 from deitctl.evaluation import evaluate
@@ -452,26 +452,8 @@ class Trainer:
         started, stopped_at = time.perf_counter(), None
         self.optimizer.zero_grad(set_to_none=True)
         for step, (images, targets) in enumerate(loader, start=skip):
-            images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            if self.mixup is not None:
-                images, targets = self.mixup(images, targets)
+            loss_value = self.train_step(images, targets, epoch=epoch, step=step)
             update = (step + 1) % self.accumulate == 0
-            sync = contextlib.nullcontext() if update or not self.world.distributed else self.forward.no_sync()
-            with sync:
-                with self.autocast():
-                    outputs = self.forward(images)
-                    teacher_logits = None
-                    if self.teacher_forward is not None and getattr(self.parts.strategy, "uses_teacher", True):
-                        teacher_logits = self.teacher_logits(images)
-                    loss = self.parts.strategy(outputs, targets, teacher_logits, self.base_criterion)
-                loss_value = loss.detach().float().item()
-                if not math.isfinite(loss_value):
-                    raise RunError(
-                        f"the loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopped. "
-                        f"The last good checkpoint is kept in {self.out / 'last.pt'}"
-                    )
-                self._backward(loss / self.accumulate, update=update)
             total_loss += loss_value * images.shape[0]
             seen += images.shape[0]
             self.reporter.step(images.shape[0] * self.world_size, loss_value, self.optimizer.param_groups[0]["lr"])
@@ -493,6 +475,31 @@ class Trainer:
         else:
             self.scheduler.step(epoch + 1)
         return out
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, *, epoch: int = 0, step: int = 0) -> float:
+        """One training step: batch augmentation, student and teacher forwards, the
+        strategy's loss, backward, and (every ``accumulate`` steps) the update."""
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        update = (step + 1) % self.accumulate == 0
+        sync = contextlib.nullcontext() if update or not self.world.distributed else self.forward.no_sync()
+        with sync:
+            with self.autocast():
+                outputs = self.forward(images)
+                teacher_logits = None
+                if self.teacher_forward is not None and getattr(self.parts.strategy, "uses_teacher", True):
+                    teacher_logits = self.teacher_logits(images)
+                loss = self.parts.strategy(outputs, targets, teacher_logits, self.base_criterion)
+            loss_value = loss.detach().float().item()
+            if not math.isfinite(loss_value):
+                raise RunError(
+                    f"the loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                    f"The last good checkpoint is kept in {self.out / 'last.pt'}"
+                )
+            self._backward(loss / self.accumulate, update=update)
+        return loss_value
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen teacher on the student's (augmented, mixed) batch, in inference mode."""
@@ -576,6 +583,11 @@ class Trainer:
             ) from None
         finally:
             self.reporter.close()
+
+    def close(self) -> None:
+        """Stop the data loaders' persistent workers (they would outlive the run)."""
+        release_workers(self.parts.train_loader)
+        release_workers(self.parts.val_loader)
 
     def _fit(self, resume: bool) -> TrainResult:
         r = self.recipe

@@ -1,0 +1,368 @@
+#!/usr/bin/env python
+"""deitctl's training step against a plain reference loop written the way the
+official DeiT engine (facebookresearch/deit, engine.py + losses.py) does it.
+
+Both sides train the same model (same initial weights) on the same in-memory
+batches, alternated in one process: every round runs each variant for
+``--steps`` steps, in a rotated order (ABCD, BCDA, ...), so that load from
+other processes on a shared machine hits every variant alike. Each variant is
+reported as images/s and as the ratio of its speed to the reference's, taken
+round by round (median step time of the variant vs the reference's in that
+round) and summarised by the median over rounds (and the range).
+
+deitctl's side is ``deitctl.engine.Trainer`` built from a recipe (synthetic
+data, so no files), stepped by :func:`deitctl.benchmark.train_step`, which is
+the body of ``Trainer.train_one_epoch``'s loop (the trainer's own Mixup,
+forwards, strategy and ``_backward``). Variants:
+
+  deitctl            the engine as it is, fp32
+  bf16               recipe run.precision = "bf16" (autocast)
+  teacher_bf16       prototype: only the teacher under bf16 autocast (student fp32)
+  channels_last      recipe run.channels_last = true (the teacher)
+  inference_mode     prototype: teacher under torch.inference_mode, output cloned
+  foreach            prototype: AdamW(foreach=True)
+  fused              prototype: AdamW(fused=True)
+  compile            recipe run.compile = true (torch.compile student and teacher)
+  best_eager         bf16 + channels_last + inference_mode + fused
+  best               best_eager + compile
+
+The reference: timm model, timm Mixup, a DistillationLoss that runs the
+teacher inside the loss under no_grad, AdamW from timm's optimizer factory
+(as the official main.py), eager fp32, ``loss.backward(); optimizer.step()``.
+
+    python benchmarks/step_vs_reference.py                 # the defaults below
+    python benchmarks/step_vs_reference.py --threads 1 --variants deitctl,bf16,fused
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ALL_VARIANTS = ("deitctl", "bf16", "teacher_bf16", "channels_last", "inference_mode", "foreach", "fused", "compile", "best_eager", "best")
+EAGER_BEST = ("bf16", "channels_last", "inference_mode", "fused")
+TWEAKS = {
+    "deitctl": (),
+    "bf16": ("bf16",),
+    "teacher_bf16": ("teacher_bf16",),
+    "channels_last": ("channels_last",),
+    "inference_mode": ("inference_mode",),
+    "foreach": ("foreach",),
+    "fused": ("fused",),
+    "compile": ("compile",),
+    "best_eager": EAGER_BEST,
+    "best": EAGER_BEST + ("compile",),
+}
+
+
+# --------------------------------------------------------------------------- the reference (official DeiT style)
+
+
+class DistillationLoss(nn.Module):
+    """As the official deit/losses.py: the teacher runs inside the loss."""
+
+    def __init__(self, base_criterion: nn.Module, teacher_model: nn.Module, distillation_type: str, alpha: float, tau: float):
+        super().__init__()
+        self.base_criterion, self.teacher_model = base_criterion, teacher_model
+        self.distillation_type, self.alpha, self.tau = distillation_type, alpha, tau
+
+    def forward(self, inputs, outputs, labels):
+        outputs_kd = None
+        if not isinstance(outputs, torch.Tensor):
+            outputs, outputs_kd = outputs
+        base_loss = self.base_criterion(outputs, labels)
+        if self.distillation_type == "none":
+            return base_loss
+        with torch.no_grad():
+            teacher_outputs = self.teacher_model(inputs)
+        if self.distillation_type == "soft":
+            T = self.tau
+            distillation_loss = F.kl_div(
+                F.log_softmax(outputs_kd / T, dim=1), F.log_softmax(teacher_outputs / T, dim=1),
+                reduction="sum", log_target=True,
+            ) * (T * T) / outputs_kd.numel()
+        else:
+            distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
+        return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
+
+
+@dataclass
+class Reference:
+    model: nn.Module
+    criterion: nn.Module
+    mixup_fn: Any
+    optimizer: Any
+    device: torch.device
+
+    def step(self, samples: torch.Tensor, targets: torch.Tensor, step: int) -> None:
+        samples = samples.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        samples, targets = self.mixup_fn(samples, targets)
+        outputs = self.model(samples)
+        loss = self.criterion(samples, outputs, targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            sys.exit(f"reference: loss is {loss_value}")
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+
+def build_reference(args: argparse.Namespace, student_state: dict, teacher_state: dict, lr: float, device: torch.device) -> Reference:
+    import timm
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model(args.student, num_classes=args.classes, img_size=args.img_size, patch_size=args.patch,
+                              depth=args.depth, drop_path_rate=args.drop_path)
+    model.load_state_dict(student_state)
+    model.set_distilled_training(True)
+    model.to(device).train()
+    teacher = timm.create_model(args.teacher, num_classes=args.classes, channels=args.teacher_channels)
+    teacher.load_state_dict(teacher_state)
+    teacher.to(device).eval()
+    mixup_fn = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
+                     label_smoothing=0.1, num_classes=args.classes)
+    criterion = DistillationLoss(SoftTargetCrossEntropy(), teacher, "hard", 0.5, 1.0)
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=0.05)
+    return Reference(model, criterion, mixup_fn, optimizer, device)
+
+
+# --------------------------------------------------------------------------- deitctl
+
+
+def recipe_text(args: argparse.Namespace, output_dir: str) -> str:
+    channels = ", ".join(str(c) for c in args.teacher_channels)
+    return f"""
+[run]
+name = "step_vs_reference"
+output_dir = {json.dumps(output_dir)}
+epochs = 300
+seed = 0
+device = {json.dumps(args.device)}
+precision = "fp32"
+
+[data]
+dataset = "synthetic"
+img_size = {args.img_size}
+batch_size = {args.batch}
+num_workers = 0
+num_classes = {args.classes}
+repeated_aug = 1
+length = {args.batch}
+
+[student]
+plugin = "deit"
+model = {json.dumps(args.student)}
+patch_size = {args.patch}
+depth = {args.depth}
+drop_path = {args.drop_path}
+
+[teacher]
+plugin = "timm"
+model = {json.dumps(args.teacher)}
+channels = [{channels}]
+checkpoint = ""
+
+[augmentation]
+plugin = "deit"
+
+[distillation]
+strategy = "token"
+target = "hard"
+alpha = 0.5
+
+[optimizer]
+name = "adamw"
+lr = 5e-4
+weight_decay = 0.05
+
+[ema]
+enabled = false
+"""
+
+
+def build_deitctl(args: argparse.Namespace, tweaks: tuple[str, ...], output_dir: str):
+    from timm.optim import create_optimizer_v2
+
+    from deitctl.engine import Trainer, _make_scheduler
+    from deitctl.recipe import recipe_from_text
+
+    overrides = []
+    if "bf16" in tweaks:
+        overrides.append('run.precision="bf16"')
+    if "channels_last" in tweaks:
+        overrides.append("run.channels_last=true")
+    if "compile" in tweaks:
+        overrides.append("run.compile=true")
+    recipe = recipe_from_text(recipe_text(args, output_dir), "<step_vs_reference>", overrides)
+    trainer = Trainer(recipe)
+    if "foreach" in tweaks or "fused" in tweaks:  # prototype: the engine's optimizer with one more argument
+        o = recipe.optimizer
+        extra = {"fused": True} if "fused" in tweaks else {"foreach": True}
+        trainer.optimizer = create_optimizer_v2(trainer.student, opt=o.name, lr=trainer.lr, weight_decay=o.weight_decay,
+                                                betas=tuple(o.betas), eps=o.eps, **extra)
+        trainer.scheduler = _make_scheduler(recipe, trainer.optimizer, trainer.updates_per_epoch)
+    if "teacher_bf16" in tweaks:  # prototype: the teacher alone in bf16, fp32 logits out
+        teacher_fp32 = trainer.teacher_forward
+
+        def teacher_bf16(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(trainer.device.type, dtype=torch.bfloat16):
+                return teacher_fp32(x).float()
+
+        trainer.teacher_forward = teacher_bf16
+    if "inference_mode" in tweaks:  # prototype: teacher under inference_mode, a normal tensor out
+        teacher = trainer.teacher_forward
+
+        def teacher_inference(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                y = teacher(x)
+            return y.clone()
+
+        trainer.teacher_forward = teacher_inference
+    return trainer
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Runner:
+    name: str
+    step: Callable[[torch.Tensor, torch.Tensor, int], Any]
+    rounds: list[list[float]] = field(default_factory=list)
+    error: str = ""
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_steps(runner: Runner, batches, first: int, count: int, device: torch.device) -> list[float]:
+    times = []
+    for i in range(first, first + count):
+        x, y = batches[i % len(batches)]
+        x, y = x.clone(), y.clone()  # timm's Mixup works in place
+        sync(device)
+        t0 = time.perf_counter()
+        runner.step(x, y, i)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS),
+                   help=f"comma-separated, from {', '.join(ALL_VARIANTS)} (the reference always runs)")
+    p.add_argument("--rounds", type=int, default=5, help="alternation rounds")
+    p.add_argument("--steps", type=int, default=5, help="steps per variant per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compilation happens here)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--patch", type=int, default=4)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--student", default="deit_tiny_distilled_patch16_224")
+    p.add_argument("--teacher", default="resnet18")
+    p.add_argument("--teacher-channels", type=lambda s: [int(c) for c in s.split(",")], default=[32, 64, 128, 256])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--json", dest="json_path", default="", help="also write the results to this file")
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in TWEAKS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(ALL_VARIANTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deitctl.benchmark import train_step
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out_dir = f"{tempfile.gettempdir()}/step_vs_reference-unused"  # Trainer never writes (no fit)
+
+    runners: list[Runner] = []
+    base = build_deitctl(args, (), out_dir)
+    student_state = {k: v.detach().clone() for k, v in base.student.state_dict().items()}
+    teacher_state = {k: v.detach().clone() for k, v in base.teacher.model.state_dict().items()}
+    reference = build_reference(args, student_state, teacher_state, base.lr, device)
+    runners.append(Runner("reference", reference.step))
+    for name in args.variants:
+        trainer = base if name == "deitctl" else build_deitctl(args, TWEAKS[name], out_dir)
+        trainer.student.load_state_dict(student_state)
+        trainer.student.train()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        runners.append(Runner(name, lambda x, y, i, t=trainer: train_step(t, x, y, i)))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g),
+                torch.randint(0, args.classes, (args.batch,), generator=g)) for _ in range(4)]
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; "
+          f"{args.student} depth {args.depth} at {args.img_size} px / patch {args.patch}, batch {args.batch}; "
+          f"teacher {args.teacher} {args.teacher_channels}; {args.rounds} rounds x {args.steps} steps", flush=True)
+    for r in runners:
+        started = time.perf_counter()
+        try:
+            run_steps(r, batches, 0, args.warmup, device)
+        except Exception as exc:  # e.g. torch.compile without a compiler
+            r.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        print(f"  warm-up {r.name}: {time.perf_counter() - started:.1f} s{'  FAILED ' + r.error if r.error else ''}", flush=True)
+    live = [r for r in runners if not r.error]
+    for rnd in range(args.rounds):
+        shift = rnd % len(live)
+        for r in live[shift:] + live[:shift]:
+            r.rounds.append(run_steps(r, batches, args.warmup + rnd * args.steps, args.steps, device))
+        print(f"  round {rnd + 1}/{args.rounds}: " + ", ".join(
+            f"{r.name} {args.batch / statistics.median(r.rounds[-1]):.0f}" for r in live) + " img/s", flush=True)
+
+    ref = runners[0]
+    results = []
+    for r in runners:
+        if r.error:
+            results.append({"variant": r.name, "error": r.error})
+            continue
+        ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(ref.rounds, r.rounds)]
+        results.append({
+            "variant": r.name,
+            "images_per_s": args.batch / statistics.median([t for rd in r.rounds for t in rd]),
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+        })
+    print()
+    print(f"{'variant':<16} {'images/s':>10} {'x reference':>12}   range over rounds")
+    for row in results:
+        if "error" in row:
+            print(f"{row['variant']:<16} {'failed':>10}   {row['error']}")
+        else:
+            print(f"{row['variant']:<16} {row['images_per_s']:>10.1f} {row['ratio']:>12.2f}   "
+                  f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}")
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "json_path"},
+                       "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

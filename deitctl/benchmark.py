@@ -1,0 +1,232 @@
+"""``deitctl benchmark``: how fast a recipe trains, evaluates and loads data.
+
+The recipe's parts are built by :class:`deitctl.engine.Trainer` (the same
+models, optimizer, scheduler, Mixup/CutMix, strategy and loaders as a run),
+and nothing is written to the output directory (``fit`` is never called).
+
+Measured, each after ``warmup`` untimed steps:
+
+``train_images_per_s``
+    the whole training step of :meth:`Trainer.train_one_epoch` (batch
+    augmentation, student forward, teacher forward, strategy loss, backward,
+    optimizer/scheduler update), see :func:`train_step`, on batches pre-drawn
+    from the recipe's real training loader and kept in memory, so data
+    loading is not part of it.
+``eval_images_per_s``
+    the student in eval mode (``torch.no_grad``, the recipe's precision, both
+    heads as :func:`deitctl.evaluation.evaluate` runs them) on the same
+    in-memory batches.
+``teacher_share``
+    the time of the teacher forward on each step's (mixed) batch, timed inside
+    the step, over the step's time (0 without a teacher). On CUDA the teacher
+    call is bracketed by two synchronisations, which the step time includes.
+``data_images_per_s``
+    the recipe's training loader alone (its transforms and worker processes),
+    counted from its second batch, so worker start-up is left out.
+``peak_memory_mb``
+    on CUDA ``torch.cuda.max_memory_allocated`` over the training and
+    evaluation steps; on CPU the growth of the process' peak resident set
+    size (``getrusage``) from before the parts were built.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from deitctl.data import release_workers
+from deitctl.recipe import Recipe
+
+KEYS = ("train_images_per_s", "eval_images_per_s", "teacher_share", "data_images_per_s", "peak_memory_mb")
+MAX_KEPT_BATCHES = 8  # distinct in-memory batches, cycled through
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timed:
+    """Wraps the teacher forward and adds up its time (synchronised on CUDA, so
+    the step's kernels before it are not counted as the teacher's)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
+        self.fn, self.device, self.seconds = fn, device, 0.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        y = self.fn(x)
+        _sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return y
+
+
+def uses_teacher(trainer: Any) -> bool:
+    return trainer.teacher_forward is not None and getattr(trainer.parts.strategy, "uses_teacher", True)
+
+
+def train_step(trainer: Any, images: torch.Tensor, targets: torch.Tensor, step: int = 0) -> None:
+    """One training step, exactly the engine's (:meth:`Trainer.train_step`).
+    timm's Mixup works in place on ``images``: pass a copy of a batch used again."""
+    loss_value = trainer.train_step(images, targets, step=step)
+    trainer.reporter.step(images.shape[0], loss_value, trainer.optimizer.param_groups[0]["lr"])
+
+
+def draw_batches(loader: Any, count: int, keep: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+    """``count`` batches from the loader (epochs repeated as needed); returns the
+    first ``keep`` of them and the loader's images/s from the second batch on."""
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    images, started, epoch, drawn = 0, 0.0, 0, 0
+    while drawn < count:
+        loader.sampler.set_epoch(epoch)
+        for x, y in loader:
+            if drawn == 0:
+                started = time.perf_counter()  # worker start-up and the first fetch are left out
+            else:
+                images += x.shape[0]
+            if len(kept) < keep:
+                kept.append((x, y))
+            drawn += 1
+            if drawn >= count:
+                break
+        epoch += 1
+    elapsed = time.perf_counter() - started
+    if images == 0:  # a single batch: count it, start-up included
+        return kept, kept[0][0].shape[0] / max(elapsed, 1e-9)
+    return kept, images / max(elapsed, 1e-9)
+
+
+def _prepare(recipe: Recipe, warn: Callable[[str], None]) -> Recipe:
+    """A copy of the recipe that needs no teacher training: a teacher checkpoint
+    that does not exist yet is replaced by random weights (speed does not
+    depend on the weights)."""
+    r = copy.deepcopy(recipe)
+    t = r.teacher
+    if r.uses_teacher and t is not None and t.checkpoint and not Path(t.checkpoint).is_file():
+        warn(f"teacher checkpoint {t.checkpoint} does not exist; benchmarking the teacher with random weights")
+        t.checkpoint = ""
+    return r
+
+
+def run_benchmark(
+    recipe: Recipe,
+    *,
+    steps: int = 20,
+    warmup: int = 3,
+    data_batches: int = 0,
+    warn: Callable[[str], None] = lambda message: None,
+) -> dict[str, float]:
+    """Measure a recipe; returns the five figures of :data:`KEYS`."""
+    from deitctl.engine import Trainer
+    from deitctl.evaluation import student_heads
+
+    steps, warmup = max(1, steps), max(0, warmup)
+    recipe = _prepare(recipe, warn)
+    rss_before = _peak_rss_mb()
+    trainer = Trainer(recipe)  # builds every part; writes nothing
+    device = trainer.device
+
+    # the real loader alone, and the in-memory batches for the model steps
+    loader = trainer.parts.train_loader
+    count = max(data_batches or min(len(loader), 50), warmup + steps, 2)
+    batches, data_rate = draw_batches(loader, count, keep=min(warmup + steps, MAX_KEPT_BATCHES))
+    release_workers(loader)  # idle from here on; nothing of theirs competes with the model steps
+
+    def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batches[i % len(batches)]
+        return x.clone(), y.clone()  # Mixup works in place: keep the drawn batch intact
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # training steps; the teacher's forward is timed inside each step
+    trainer.student.train()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    with_teacher = uses_teacher(trainer)
+    teacher = _Timed(trainer.teacher_forward, device)
+    if with_teacher:
+        trainer.teacher_forward = teacher
+    step_time = teacher_time = 0.0
+    images = 0
+    try:
+        for i in range(warmup + steps):
+            x, y = batch(i)
+            _sync(device)
+            teacher.seconds = 0.0
+            t0 = time.perf_counter()
+            train_step(trainer, x, y, step=i)
+            _sync(device)
+            if i >= warmup:
+                step_time += time.perf_counter() - t0
+                teacher_time += teacher.seconds
+                images += x.shape[0]
+    finally:
+        trainer.teacher_forward = teacher.fn
+    train_rate = images / max(step_time, 1e-9)
+    share = teacher_time / max(step_time, 1e-9) if with_teacher else 0.0
+
+    # evaluation forward of the student alone
+    model = trainer.student
+    model.eval()
+    eval_time, eval_images = 0.0, 0
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            x, _ = batch(i)
+            _sync(device)
+            t0 = time.perf_counter()
+            x = x.to(device, non_blocking=True)
+            with trainer.autocast():
+                student_heads(model, x)
+            _sync(device)
+            if i >= warmup:
+                eval_time += time.perf_counter() - t0
+                eval_images += x.shape[0]
+    model.train()
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = _peak_rss_mb() - rss_before
+    return {
+        "train_images_per_s": train_rate,
+        "eval_images_per_s": eval_images / max(eval_time, 1e-9),
+        "teacher_share": share,
+        "data_images_per_s": data_rate,
+        "peak_memory_mb": peak,
+    }
+
+
+def results_table(result: dict[str, float], recipe: Recipe, *, steps: int, warmup: int):
+    """The figures as a rich table."""
+    from rich.table import Table
+
+    d = recipe.data
+    table = Table(title=f"{recipe.run.name}: batch {d.batch_size}, {d.img_size} px, precision {recipe.run.precision}, "
+                        f"{steps} steps after {warmup} warm-up")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("what")
+    table.add_row("train", f"{result['train_images_per_s']:.1f} img/s",
+                  "whole training step on in-memory batches (mixup, student fwd+bwd, teacher fwd, optimizer)")
+    table.add_row("eval", f"{result['eval_images_per_s']:.1f} img/s", "student forward, eval mode, no grad")
+    table.add_row("teacher share", f"{result['teacher_share'] * 100:.1f} %", "of the training step spent in the teacher forward")
+    table.add_row("data", f"{result['data_images_per_s']:.1f} img/s",
+                  f"the training loader alone ({d.num_workers} workers, its transforms)")
+    from deitctl.engine import resolve_device
+
+    cuda = resolve_device(recipe).type == "cuda"
+    table.add_row("memory", f"{result['peak_memory_mb']:.1f} MB",
+                  "CUDA max allocated" if cuda else "growth of the process' peak RSS (CPU)")
+    return table

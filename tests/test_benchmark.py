@@ -1,0 +1,71 @@
+"""``deitctl benchmark``: one JSON object with the five figures; bad input is exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from deitctl.benchmark import KEYS
+from deitctl.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "cifar10-sample"
+runner = CliRunner()
+
+TINY = [
+    f"data.root={json.dumps(str(SAMPLE))}",
+    "data.train_per_class=2",
+    "data.val_per_class=1",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "student.depth=1",
+    "student.embed_dim=32",
+    "student.num_heads=2",
+    "teacher.channels=[8, 16, 32, 64]",
+    # no such file: the benchmark warns and times a teacher with random weights
+    'teacher.checkpoint="does-not-exist/best.pt"',
+]
+
+
+def _args(*extra: str) -> list[str]:
+    args = ["benchmark", str(ROOT / "recipes" / "quickstart.toml"), "--steps", "2", "--warmup", "1", "--json"]
+    for item in TINY + list(extra):
+        args += ["--set", item]
+    return args
+
+
+def test_benchmark_json_has_the_five_figures(tmp_path):
+    out = tmp_path / "never-written"
+    result = runner.invoke(app, _args(f"run.output_dir={json.dumps(str(out))}"))
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stdout
+    figures = json.loads(lines[0])
+    assert set(figures) == set(KEYS)
+    for key, value in figures.items():
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), key
+        assert value > 0, (key, value)
+    assert 0 < figures["teacher_share"] < 1
+    assert not out.exists()  # the output directory is not written
+
+
+def test_benchmark_bad_recipe_is_exit_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[run]\nepochs = "many"\n', encoding="utf-8")
+    result = runner.invoke(app, ["benchmark", str(bad), "--steps", "1", "--json"])
+    assert result.exit_code == 2
+    assert "bad.toml" in result.output and "Traceback" not in result.output
+
+
+def test_benchmark_bad_override_and_missing_data_are_exit_2(tmp_path):
+    result = runner.invoke(app, _args("student.no_such_key=1"))
+    assert result.exit_code == 2
+    result = runner.invoke(app, _args(f"data.root={json.dumps(str(tmp_path / 'nothing'))}"))
+    assert result.exit_code == 2 and "data.root" in result.output
+
+
+def test_benchmark_bad_steps_is_a_usage_error():
+    result = runner.invoke(app, ["benchmark", str(ROOT / "recipes" / "quickstart.toml"), "--steps", "0"])
+    assert result.exit_code == 2
