@@ -151,3 +151,17 @@ def test_paper_recipes_train_on_a_few_images(size, tmp_path):
     assert {"acc1", "acc5", "loss", "images", "acc1_cls", "acc1_dist", "teacher_agreement"} <= metrics.keys()
     m = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert "acc1_ema" in m
+
+
+def test_compile_bf16_and_channels_last_teacher(teacher_ckpt, tmp_path):
+    """run.compile compiles student and teacher; bf16 autocast on CPU; a channels_last teacher."""
+    out = tmp_path / "compiled"
+    code, text = _train(ROOT / "recipes/quickstart.toml", out, _student_recipe("token", teacher_ckpt) + [
+        "run.epochs=1", "run.compile=true", "run.precision=bf16", "run.channels_last=true", "student.depth=1"])
+    assert code == 0, text
+    m = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert m["train_loss"] == m["train_loss"] and "teacher_agreement" in m
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    code, text = deitctl("eval", "--ckpt", str(out / "last.pt"), "--json")
+    assert code == 0, text
