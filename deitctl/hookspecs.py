@@ -34,9 +34,13 @@ def register_teachers(register: Register) -> None:
 def register_students(register: Register) -> None:
     """Register student factories.
 
-    ``factory(*, num_classes: int, img_size: int, **options) -> torch.nn.Module``.
-    A student with a distillation token exposes ``set_distilled_training(bool)``
-    and ``head_dist`` as timm's ``VisionTransformerDistilled`` does.
+    ``factory(*, num_classes: int, img_size: int, **options) -> torch.nn.Module``
+    (``num_classes`` and ``img_size`` are passed when the factory names them).
+    A student with a distillation token has the interface of timm's
+    ``VisionTransformerDistilled``: ``set_distilled_training(bool)`` (training
+    forward returns ``(class_logits, dist_logits)``), ``forward_features``
+    (tokens, class token first and distillation token second), ``head``,
+    ``head_dist`` and ``head_drop``; in eval mode its forward fuses the heads.
     """
 
 

@@ -154,6 +154,16 @@ def build_registry() -> Registry:
             continue
         if name is not None:
             providers[name] = provider
+    known = [f"register_{kind}" for kind in KINDS]
+    for hook_name, caller in vars(pm.hook).items():  # a misspelt hook would be ignored silently
+        if hook_name not in known and getattr(caller, "spec", None) is None:
+            for impl in caller.get_hookimpls():
+                hint = difflib.get_close_matches(hook_name, known, n=1)
+                registry.failures.append(LoadFailure(
+                    providers.get(impl.plugin_name, impl.plugin_name),
+                    f"unknown hook {hook_name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; deitctl's hooks: {', '.join(known)}",
+                ))
     for kind in KINDS:
         for impl in getattr(pm.hook, f"register_{kind}").get_hookimpls():
             provider = providers.get(impl.plugin_name, impl.plugin_name)

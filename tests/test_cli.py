@@ -149,3 +149,21 @@ def test_eval_official_deit_checkpoint_with_model_and_data(tmp_path):
     assert metrics["images"] == 20 and {"acc1", "acc5", "loss", "acc1_cls", "acc1_dist"} <= metrics.keys()
     result = runner.invoke(app, ["eval", "--ckpt", str(path), "--json"])
     assert result.exit_code == 2 and "--model" in result.output
+
+
+def test_a_misspelt_hook_is_reported_not_ignored(tmp_path, monkeypatch):
+    (tmp_path / "typo_plugin.py").write_text(
+        "import deitctl\n\n@deitctl.hookimpl\ndef register_teacher(register):\n"
+        "    register('typo', lambda *, num_classes: None)\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "DEITCTL_PLUGINS": "typo_plugin"}
+    proc = subprocess.run([sys.executable, "-m", "deitctl", "plugins", "--json"], capture_output=True, text=True,
+                          env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    listing = json.loads(proc.stdout)
+    assert listing["failures"] == [{
+        "provider": "typo_plugin",
+        "error": "unknown hook 'register_teacher' (did you mean 'register_teachers'?); deitctl's hooks: "
+                 "register_teachers, register_students, register_augmentations, register_strategies, register_datasets",
+    }]
+    assert not any(row["name"] == "typo" for row in listing["plugins"])
