@@ -15,15 +15,17 @@ data, so no files), stepped by :func:`deitctl.benchmark.train_step`, which is
 the body of ``Trainer.train_one_epoch``'s loop (the trainer's own Mixup,
 forwards, strategy and ``_backward``). Variants:
 
-  deitctl            the engine as it is, fp32
-  bf16               recipe run.precision = "bf16" (autocast)
+  deitctl            the engine as it is, fp32 (its defaults: teacher in inference mode,
+                     fused AdamW, fused attention kernel in fp32)
+  bf16               recipe run.precision = "bf16" (autocast; attention "auto" picks the
+                     explicit-matmul kernel for bf16 on CPU)
+  bf16_fused_attn    bf16 with run.attention = "fused" (PyTorch's flash kernel; slow
+                     backward in bf16 on CPU)
   teacher_bf16       prototype: only the teacher under bf16 autocast (student fp32)
   channels_last      recipe run.channels_last = true (the teacher)
-  inference_mode     prototype: teacher under torch.inference_mode, output cloned
-  foreach            prototype: AdamW(foreach=True)
-  fused              prototype: AdamW(fused=True)
+  loop_adamw         recipe optimizer.implementation = "loop" (the reference's AdamW)
   compile            recipe run.compile = true (torch.compile student and teacher)
-  best_eager         bf16 + channels_last + inference_mode + fused
+  best_eager         bf16 + channels_last
   best               best_eager + compile
 
 The reference: timm model, timm Mixup, a DistillationLoss that runs the
@@ -31,7 +33,7 @@ teacher inside the loss under no_grad, AdamW from timm's optimizer factory
 (as the official main.py), eager fp32, ``loss.backward(); optimizer.step()``.
 
     python benchmarks/step_vs_reference.py                 # the defaults below
-    python benchmarks/step_vs_reference.py --threads 1 --variants deitctl,bf16,fused
+    python benchmarks/step_vs_reference.py --threads 1 --variants deitctl,bf16,best_eager
 """
 
 from __future__ import annotations
@@ -50,16 +52,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ALL_VARIANTS = ("deitctl", "bf16", "teacher_bf16", "channels_last", "inference_mode", "foreach", "fused", "compile", "best_eager", "best")
-EAGER_BEST = ("bf16", "channels_last", "inference_mode", "fused")
+ALL_VARIANTS = ("deitctl", "bf16", "bf16_fused_attn", "teacher_bf16", "channels_last", "loop_adamw", "compile", "best_eager", "best")
+EAGER_BEST = ("bf16", "channels_last")
 TWEAKS = {
     "deitctl": (),
     "bf16": ("bf16",),
+    "bf16_fused_attn": ("bf16", "fused_attn"),
     "teacher_bf16": ("teacher_bf16",),
     "channels_last": ("channels_last",),
-    "inference_mode": ("inference_mode",),
-    "foreach": ("foreach",),
-    "fused": ("fused",),
+    "loop_adamw": ("loop_adamw",),
     "compile": ("compile",),
     "best_eager": EAGER_BEST,
     "best": EAGER_BEST + ("compile",),
@@ -195,26 +196,19 @@ enabled = false
 
 
 def build_deitctl(args: argparse.Namespace, tweaks: tuple[str, ...], output_dir: str):
-    from timm.optim import create_optimizer_v2
-
-    from deitctl.engine import Trainer, _make_scheduler
+    from deitctl.engine import Trainer
     from deitctl.recipe import recipe_from_text
 
-    overrides = []
-    if "bf16" in tweaks:
-        overrides.append('run.precision="bf16"')
-    if "channels_last" in tweaks:
-        overrides.append("run.channels_last=true")
-    if "compile" in tweaks:
-        overrides.append("run.compile=true")
+    settings = {
+        "bf16": 'run.precision="bf16"',
+        "fused_attn": 'run.attention="fused"',
+        "channels_last": "run.channels_last=true",
+        "loop_adamw": 'optimizer.implementation="loop"',
+        "compile": "run.compile=true",
+    }
+    overrides = [settings[t] for t in tweaks if t in settings]
     recipe = recipe_from_text(recipe_text(args, output_dir), "<step_vs_reference>", overrides)
     trainer = Trainer(recipe)
-    if "foreach" in tweaks or "fused" in tweaks:  # prototype: the engine's optimizer with one more argument
-        o = recipe.optimizer
-        extra = {"fused": True} if "fused" in tweaks else {"foreach": True}
-        trainer.optimizer = create_optimizer_v2(trainer.student, opt=o.name, lr=trainer.lr, weight_decay=o.weight_decay,
-                                                betas=tuple(o.betas), eps=o.eps, **extra)
-        trainer.scheduler = _make_scheduler(recipe, trainer.optimizer, trainer.updates_per_epoch)
     if "teacher_bf16" in tweaks:  # prototype: the teacher alone in bf16, fp32 logits out
         teacher_fp32 = trainer.teacher_forward
 
@@ -223,15 +217,6 @@ def build_deitctl(args: argparse.Namespace, tweaks: tuple[str, ...], output_dir:
                 return teacher_fp32(x).float()
 
         trainer.teacher_forward = teacher_bf16
-    if "inference_mode" in tweaks:  # prototype: teacher under inference_mode, a normal tensor out
-        teacher = trainer.teacher_forward
-
-        def teacher_inference(x: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                y = teacher(x)
-            return y.clone()
-
-        trainer.teacher_forward = teacher_inference
     return trainer
 
 

@@ -35,6 +35,7 @@ from deitctl.distributed import World, all_reduce_sum, any_rank
 from deitctl.errors import RecipeError, RunError, UserError
 from deitctl.evaluation import evaluate
 from deitctl.recipe import Recipe, recipe_from_text
+from deitctl.runtime import resolve_attention, resolve_precision, set_attention, set_threads
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -283,10 +284,29 @@ def _make_optimizer(recipe: Recipe, model: nn.Module, lr: float):
         kwargs["momentum"] = o.momentum
     if any(n in o.name.lower() for n in ("adam", "lamb", "lars", "nadam", "radam")):
         kwargs.update(betas=tuple(o.betas), eps=o.eps)
-    try:
-        return create_optimizer_v2(model, opt=o.name, lr=lr, weight_decay=o.weight_decay, **kwargs)
-    except (ValueError, AssertionError, KeyError) as exc:
-        raise RecipeError(f"timm cannot make optimizer {o.name!r}: {exc}", source=recipe.source, key="optimizer.name") from None
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+    tries = [impl["fused"], {}] if o.implementation == "auto" else [impl[o.implementation]]
+    for extra in tries:
+        try:
+            return create_optimizer_v2(model, opt=o.name, lr=lr, weight_decay=o.weight_decay, **kwargs, **extra)
+        except TypeError as exc:  # this optimizer has no such implementation flag
+            if extra is tries[-1]:
+                raise RecipeError(f"optimizer {o.name!r} has no {o.implementation!r} implementation ({exc}); use \"auto\"",
+                                  source=recipe.source, key="optimizer.implementation") from None
+        except RuntimeError as exc:  # e.g. fused on a device that torch has no fused kernel for
+            if o.implementation != "auto" or extra is tries[-1]:
+                raise RecipeError(f"optimizer {o.name!r}: {exc}", source=recipe.source, key="optimizer.implementation") from None
+        except (ValueError, AssertionError, KeyError) as exc:
+            raise RecipeError(f"timm cannot make optimizer {o.name!r}: {exc}", source=recipe.source, key="optimizer.name") from None
+    raise AssertionError("unreachable")
+
+
+def optimizer_implementation(optimizer: Any) -> str:
+    """``fused``, ``foreach`` or ``loop``, as the optimizer was built (torch optimizers)."""
+    defaults = getattr(optimizer, "defaults", {})
+    if defaults.get("fused"):
+        return "fused"
+    return "loop" if defaults.get("foreach") is False else "foreach" if defaults.get("foreach") else "default"
 
 
 def _make_scheduler(recipe: Recipe, optimizer: Any, updates_per_epoch: int):
@@ -326,11 +346,17 @@ class Trainer:
         self.parts = assemble(recipe, world_size=world_size, rank=rank)
         p = self.parts
         self.device = p.device
-        self.autocast = autocast_factory(self.device, recipe.run.precision)
+        set_threads(recipe.run.threads)
+        self.precision = resolve_precision(self.device, recipe.run.precision)
+        self.autocast = autocast_factory(self.device, self.precision)
         self.student = p.student.to(self.device)
+        self.attention = resolve_attention(self.device, self.precision, recipe.run.attention)
+        set_attention(self.student, self.attention)
         if has_dist_token(self.student):
             self.student.set_distilled_training(True)
         self.teacher = p.teacher.to(self.device) if p.teacher is not None else None
+        if self.teacher is not None:
+            set_attention(self.teacher, self.attention)
         if self.teacher is not None and recipe.run.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.mixup = p.augmentation.batch_transform
@@ -340,7 +366,7 @@ class Trainer:
         self.accumulate = recipe.optimizer.accumulate
         self.updates_per_epoch = max(1, len(p.train_loader) // self.accumulate)
         self.scheduler = _make_scheduler(recipe, self.optimizer, self.updates_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type) if recipe.run.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.ema = None
         if recipe.ema.enabled:
             from timm.utils import ModelEmaV3
@@ -611,7 +637,12 @@ class Trainer:
             self.reporter.log(f"student initialised from {r.student.checkpoint}: {note}")
         self.reporter.log(
             f"{r.run.name}: {self.parts.num_classes} classes, {len(self.parts.train_loader.dataset)} training images, "
-            f"device {self.device}, world size {self.world_size}, precision {r.run.precision}, lr {self.lr:.3g}"
+            f"device {self.device}, world size {self.world_size}, lr {self.lr:.3g}"
+        )
+        auto = " (auto)" if r.run.precision == "auto" else ""
+        self.reporter.log(
+            f"precision {self.precision}{auto}, attention {self.attention}, optimizer {r.optimizer.name} "
+            f"({optimizer_implementation(self.optimizer)}), {torch.get_num_threads()} threads"
         )
         last_metrics: dict[str, Any] = {}
         epoch = self.start_epoch - 1

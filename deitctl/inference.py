@@ -14,6 +14,7 @@ from deitctl.engine import autocast_factory, recipe_of_checkpoint, resolve_devic
 from deitctl.errors import RecipeError, UserError
 from deitctl.evaluation import evaluate
 from deitctl.recipe import Recipe, recipe_from_dict
+from deitctl.runtime import resolve_attention, resolve_precision, set_attention
 
 
 def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dict[str, Any],
@@ -108,8 +109,13 @@ def evaluate_checkpoint(ckpt: Path, *, data: Path | None = None, model: str | No
         teacher = build_teacher(recipe, len(classes), mean, std).to(device)
     loader = make_loader(dataset, batch_size=recipe.data.batch_size, train=False, seed=recipe.run.seed,
                          num_workers=min(recipe.data.num_workers, 4), pin_memory=device.type == "cuda")
+    precision = resolve_precision(device, recipe.run.precision)
+    attention = resolve_attention(device, precision, recipe.run.attention)
+    for model in (student, teacher):
+        if model is not None:
+            set_attention(model, attention)
     metrics = evaluate(student.to(device), loader, num_classes=len(classes), device=device,
-                       autocast=autocast_factory(device, recipe.run.precision), teacher=teacher)
+                       autocast=autocast_factory(device, precision), teacher=teacher)
     metrics["split"] = split
     if has_dist_token(student):
         metrics["acc1_fused"] = metrics["acc1"]

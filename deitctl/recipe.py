@@ -39,10 +39,14 @@ class RunSection:
     epochs: int = _f(300, "training epochs", min=1)
     seed: int = _f(0, "random seed", min=0)
     device: str = _f("auto", "device", choices=("auto", "cpu", "cuda"))
-    precision: str = _f("fp32", "autocast precision", choices=("fp32", "bf16", "fp16"))
+    precision: str = _f("fp32", "autocast precision (auto: bf16 where the hardware has it, else fp16 on CUDA, fp32 on CPU)",
+                        choices=("fp32", "bf16", "fp16", "auto"))
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)", min=1)
     compile: bool = _f(False, "torch.compile the student and the teacher")
     channels_last: bool = _f(False, "channels_last memory format for the teacher")
+    attention: str = _f("auto", "attention kernel: fused (scaled_dot_product_attention) or math (explicit matmuls); "
+                        "auto: math for bf16/fp16 on CPU, fused otherwise", choices=("auto", "fused", "math"))
+    threads: int = _f(0, "torch intra-op threads per process (0: torch's default)", min=0)
     progress: str = _f("auto", "progress output", choices=("auto", "rich", "plain", "none"))
 
 
@@ -106,6 +110,8 @@ class OptimizerSection:
     betas: list[float] = _f([0.9, 0.999], "betas (adam family)")
     clip_grad: float = _f(0.0, "clip the gradient norm to this (0: off)", min=0)
     accumulate: int = _f(1, "gradient accumulation steps", min=1)
+    implementation: str = _f("auto", "fused, foreach or loop (torch optimizers); auto: fused where the optimizer has it",
+                             choices=("auto", "fused", "foreach", "loop"))
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""Speed settings: precision "auto", the attention kernel, the optimizer implementation
+and the thread count, each checked on a real (tiny) trainer or model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+from deitctl.cli import app
+from deitctl.engine import Trainer, optimizer_implementation
+from deitctl.recipe import load_recipe
+from deitctl.runtime import cpu_has_native_bf16, resolve_attention, resolve_precision, set_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "cifar10-sample"
+CPU = torch.device("cpu")
+runner = CliRunner()
+
+SYNTHETIC = [
+    'data.dataset="synthetic"', "data.img_size=32", "data.batch_size=8", "data.num_workers=0",
+    "data.num_classes=10", "data.repeated_aug=1", "data.length=16",
+    'student.model="deit_tiny_patch16_224"', "student.depth=2", "student.embed_dim=32", "student.num_heads=2", "student.patch_size=8",
+    'distillation.strategy="none"', "run.progress=none", 'run.device="cpu"', "run.epochs=1",
+]
+
+
+def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
+    recipe = load_recipe(ROOT / "recipes/quickstart.toml", [*SYNTHETIC, f"run.output_dir={json.dumps(str(tmp_path))}", *overrides])
+    return Trainer(recipe)
+
+
+def test_auto_rules():
+    assert resolve_attention(CPU, "bf16", "auto") == "math"
+    assert resolve_attention(CPU, "fp16", "auto") == "math"
+    assert resolve_attention(CPU, "fp32", "auto") == "fused"
+    assert resolve_attention(torch.device("cuda"), "bf16", "auto") == "fused"
+    assert resolve_attention(CPU, "bf16", "fused") == "fused"
+    assert resolve_precision(CPU, "fp16") == "fp16"
+    assert resolve_precision(CPU, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
+
+
+def test_math_and_fused_attention_compute_the_same_function():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    assert set_attention(model, "fused") == 2
+    with torch.no_grad():
+        fused = model(x)
+    assert set_attention(model, "math") == 2
+    assert all(not b.attn.fused_attn for b in model.blocks)
+    with torch.no_grad():
+        math = model(x)
+    torch.testing.assert_close(math, fused, rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_picks_math_attention_and_fused_adamw_for_bf16_on_cpu(tmp_path):
+    t = _trainer(tmp_path, 'run.precision="bf16"')
+    assert t.attention == "math"
+    assert all(not b.attn.fused_attn for b in t.student.blocks)
+    assert optimizer_implementation(t.optimizer) == "fused"
+    t32 = _trainer(tmp_path / "fp32")
+    assert t32.attention == "fused" and all(b.attn.fused_attn for b in t32.student.blocks)
+
+
+@pytest.mark.parametrize("impl,expected", [("loop", "loop"), ("foreach", "foreach"), ("fused", "fused")])
+def test_optimizer_implementation_is_chosen(tmp_path, impl, expected):
+    t = _trainer(tmp_path, f'optimizer.implementation="{impl}"')
+    assert optimizer_implementation(t.optimizer) == expected
+
+
+def test_auto_falls_back_for_an_optimizer_without_fused(tmp_path):
+    t = _trainer(tmp_path, 'optimizer.name="lamb"')
+    assert type(t.optimizer).__name__ == "Lamb"
+
+
+def test_an_impossible_implementation_is_a_recipe_error(tmp_path):
+    args = ["train", str(ROOT / "recipes/quickstart.toml"), "--output-dir", str(tmp_path / "out")]
+    for item in [*SYNTHETIC, 'optimizer.name="lamb"', 'optimizer.implementation="fused"']:
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "optimizer.implementation" in result.output and "lamb" in result.output
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_threads_setting(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        _trainer(tmp_path, "run.threads=1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_auto_precision_trains_and_says_what_it_chose(tmp_path):
+    args = ["train", str(ROOT / "recipes/quickstart.toml"), "--output-dir", str(tmp_path / "out")]
+    for item in [*SYNTHETIC, 'run.precision="auto"', 'run.progress="plain"']:
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    chosen = "bf16" if cpu_has_native_bf16() else "fp32"
+    attention = "math" if chosen == "bf16" else "fused"
+    assert f"precision {chosen} (auto), attention {attention}, optimizer adamw (fused)" in result.output
+    assert (tmp_path / "out" / "last.pt").is_file()
