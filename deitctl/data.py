@@ -6,9 +6,13 @@ run is reproducible for any worker count and resumes exactly.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
+import os
 import random
 import sys
+import weakref
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -130,13 +134,16 @@ def clean_error_message(exc: BaseException) -> str:
     return rest if sep and head.split(".")[-1] == type(exc).__name__ else last
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, nice: int = 0) -> None:
     """Workers leave SIGINT/SIGTERM to the main process, which stops cleanly
-    (a Ctrl-C or a scheduler's SIGTERM reaches the whole process group)."""
+    (a Ctrl-C or a scheduler's SIGTERM reaches the whole process group), and
+    run ``nice`` steps below it."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
 
 
 class SeededDataset(Dataset):
@@ -215,13 +222,14 @@ def make_loader(
     num_replicas: int = 1,
     rank: int = 0,
     bad_images: str = "error",
+    worker_nice: int = 0,
 ) -> DataLoader:
     size = len(dataset)
     if train and repeats > 1:
         base: Sampler[int] = RepeatedAugSampler(size, repeats=repeats, seed=seed, num_replicas=num_replicas, rank=rank)
     else:
         base = ShuffleSampler(size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=train, pad=train)
-    return DataLoader(
+    loader = DataLoader(
         SeededDataset(dataset, bad_images),
         batch_size=batch_size,
         sampler=SeededSampler(base, seed),
@@ -230,10 +238,30 @@ def make_loader(
         drop_last=train,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
+        worker_init_fn=functools.partial(_worker_init, nice=worker_nice) if num_workers > 0 else None,
         # a fixed base seed: the loader draws nothing from the global RNG (samples are seeded one by one)
         generator=torch.Generator().manual_seed(seed),
     )
+    if num_workers > 0:
+        _track(loader)
+    return loader
+
+
+_LIVE_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+
+
+def _track(loader: DataLoader) -> None:
+    """Release the workers of loaders still alive at exit: they ignore SIGTERM, so
+    multiprocessing's own exit handler (terminate, then join) would wait forever."""
+    if not _LIVE_LOADERS:
+        atexit.unregister(_release_all)  # registered once, and after multiprocessing's handler
+        atexit.register(_release_all)
+    _LIVE_LOADERS.add(loader)
+
+
+def _release_all() -> None:
+    for loader in list(_LIVE_LOADERS):
+        release_workers(loader)
 
 
 def release_workers(loader: Any) -> None:

@@ -185,7 +185,7 @@ def assemble(recipe: Recipe, *, world_size: int = 1, rank: int = 0, with_teacher
         check_output(recipe, teacher, num_classes, "teacher")
     pin = recipe.data.pin_memory and device.type == "cuda"
     loader_args = dict(num_workers=recipe.data.num_workers, pin_memory=pin, num_replicas=world_size, rank=rank,
-                       seed=recipe.run.seed, bad_images=recipe.data.bad_images)
+                       seed=recipe.run.seed, bad_images=recipe.data.bad_images, worker_nice=recipe.data.worker_nice)
     train_loader = make_loader(train_ds, batch_size=recipe.data.batch_size, train=True,
                                repeats=recipe.data.repeated_aug, **loader_args)
     val_loader = make_loader(val_ds, batch_size=recipe.data.batch_size, train=False, **loader_args)

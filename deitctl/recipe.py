@@ -65,6 +65,8 @@ class DataSection:
     val_per_class: int = _f(0, "use at most N validation images of each class (0: all)", min=0)
     pin_memory: bool = _f(True, "pin host memory (CUDA)")
     bad_images: str = _f("error", "on unreadable images: stop, or skip them", choices=("error", "skip"))
+    worker_nice: int = _f(0, "raise the loader workers' niceness by N (Unix): on a CPU shared with the "
+                          "training step, the step's threads run first", min=0)
     options: dict = field(default_factory=dict)
 
 

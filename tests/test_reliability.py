@@ -691,3 +691,28 @@ def test_resume_after_a_crash_between_checkpoint_and_metrics_keeps_every_epoch(m
     assert code == 0, output
     assert epochs_in_metrics(out) == [1, 2]
     assert (out / "best.pt").exists()
+
+
+LOADER_LEFT_OPEN = '''
+import os, sys, torch
+from deitctl.data import make_loader
+
+class Niceness(torch.utils.data.Dataset):
+    def __len__(self): return 8
+    def __getitem__(self, i): return torch.tensor(os.nice(0)), 0
+
+kept = make_loader(Niceness(), batch_size=4, train=True, seed=0, num_workers=2, worker_nice=int(sys.argv[1]))
+print(sorted({int(v) for batch, _ in kept for v in batch}))
+'''
+
+
+def test_a_script_that_leaves_loaders_open_exits_and_workers_run_niced(tmp_path):
+    """Workers ignore SIGTERM (the main process stops the run); a loader still alive at
+    exit must not make multiprocessing's exit handler wait for them forever."""
+    script = tmp_path / "open_loader.py"
+    script.write_text(LOADER_LEFT_OPEN)
+    base = os.nice(0)
+    done = subprocess.run([sys.executable, str(script), "5"], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"[{base + 5}]"
