@@ -17,7 +17,6 @@ from deitctl.recipe import load_recipe
 from deitctl.runtime import cpu_has_native_bf16, resolve_attention, resolve_precision, set_attention
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "cifar10-sample"
 CPU = torch.device("cpu")
 runner = CliRunner()
 
@@ -32,6 +31,13 @@ SYNTHETIC = [
 def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
     recipe = load_recipe(ROOT / "recipes/quickstart.toml", [*SYNTHETIC, f"run.output_dir={json.dumps(str(tmp_path))}", *overrides])
     return Trainer(recipe)
+
+
+def _cli_train(out: Path, *overrides: str):
+    args = ["train", str(ROOT / "recipes/quickstart.toml"), "--output-dir", str(out)]
+    for item in [*SYNTHETIC, *overrides]:
+        args += ["--set", item]
+    return runner.invoke(app, args)
 
 
 def test_auto_rules():
@@ -79,10 +85,7 @@ def test_auto_falls_back_for_an_optimizer_without_fused(tmp_path):
 
 
 def test_an_impossible_implementation_is_a_recipe_error(tmp_path):
-    args = ["train", str(ROOT / "recipes/quickstart.toml"), "--output-dir", str(tmp_path / "out")]
-    for item in [*SYNTHETIC, 'optimizer.name="lamb"', 'optimizer.implementation="fused"']:
-        args += ["--set", item]
-    result = runner.invoke(app, args)
+    result = _cli_train(tmp_path / "out", 'optimizer.name="lamb"', 'optimizer.implementation="fused"')
     assert result.exit_code == 2, result.output
     assert "optimizer.implementation" in result.output and "lamb" in result.output
     assert not (tmp_path / "out" / "last.pt").exists()
@@ -98,10 +101,7 @@ def test_threads_setting(tmp_path):
 
 
 def test_auto_precision_trains_and_says_what_it_chose(tmp_path):
-    args = ["train", str(ROOT / "recipes/quickstart.toml"), "--output-dir", str(tmp_path / "out")]
-    for item in [*SYNTHETIC, 'run.precision="auto"', 'run.progress="plain"']:
-        args += ["--set", item]
-    result = runner.invoke(app, args)
+    result = _cli_train(tmp_path / "out", 'run.precision="auto"', 'run.progress="plain"')
     assert result.exit_code == 0, result.output
     chosen = "bf16" if cpu_has_native_bf16() else "fp32"
     attention = "math" if chosen == "bf16" else "fused"
