@@ -212,8 +212,13 @@ def results_table(result: dict[str, float], recipe: Recipe, *, steps: int, warmu
     """The figures as a rich table."""
     from rich.table import Table
 
+    from deitctl.engine import resolve_device
+    from deitctl.runtime import resolve_precision
+
     d = recipe.data
-    table = Table(title=f"{recipe.run.name}: batch {d.batch_size}, {d.img_size} px, precision {recipe.run.precision}, "
+    device = resolve_device(recipe)
+    precision = resolve_precision(device, recipe.run.precision)
+    table = Table(title=f"{recipe.run.name}: batch {d.batch_size}, {d.img_size} px, precision {precision}, "
                         f"{steps} steps after {warmup} warm-up")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -224,9 +229,7 @@ def results_table(result: dict[str, float], recipe: Recipe, *, steps: int, warmu
     table.add_row("teacher share", f"{result['teacher_share'] * 100:.1f} %", "of the training step spent in the teacher forward")
     table.add_row("data", f"{result['data_images_per_s']:.1f} img/s",
                   f"the training loader alone ({d.num_workers} workers, its transforms)")
-    from deitctl.engine import resolve_device
-
-    cuda = resolve_device(recipe).type == "cuda"
+    cuda = device.type == "cuda"
     table.add_row("memory", f"{result['peak_memory_mb']:.1f} MB",
                   "CUDA max allocated" if cuda else "growth of the process' peak RSS (CPU)")
     return table
