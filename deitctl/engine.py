@@ -290,6 +290,8 @@ def _make_optimizer(recipe: Recipe, model: nn.Module, lr: float):
         try:
             return create_optimizer_v2(model, opt=o.name, lr=lr, weight_decay=o.weight_decay, **kwargs, **extra)
         except TypeError as exc:  # this optimizer has no such implementation flag
+            if extra is tries[-1] and o.implementation == "auto":
+                raise RecipeError(f"timm cannot make optimizer {o.name!r}: {exc}", source=recipe.source, key="optimizer.name") from None
             if extra is tries[-1]:
                 raise RecipeError(f"optimizer {o.name!r} has no {o.implementation!r} implementation ({exc}); use \"auto\"",
                                   source=recipe.source, key="optimizer.implementation") from None
