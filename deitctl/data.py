@@ -1,7 +1,9 @@
-"""Data loading: per-sample seeded augmentation, repeated augmentation, loaders.
+"""Data loading: per-sample seeded augmentation, repeated augmentation, loaders
+that finish ToTensor/Normalize a batch at a time.
 
 Every sample's augmentation is seeded from (run seed, epoch, position), so a
-run is reproducible for any worker count and resumes exactly.
+run is reproducible for any worker count and resumes exactly. Batch-level
+normalisation changes no value of a batch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import random
 import sys
 import weakref
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -161,14 +163,16 @@ class SeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
-        index, seed = item
-        in_worker = torch.utils.data.get_worker_info() is not None
-        if in_worker:
-            return self._seeded(index, seed)
-        # in the main process: leave the training RNG streams untouched
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: Sequence[tuple[int, int]]) -> list[Any]:
+        """A batch's samples (the DataLoader fetches whole batches through this)."""
+        if torch.utils.data.get_worker_info() is not None:
+            return [self._seeded(index, seed) for index, seed in items]
+        # in the main process: leave the training RNG streams untouched (saved once a batch)
         py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
-            return self._seeded(index, seed)
+            return [self._seeded(index, seed) for index, seed in items]
         finally:
             random.setstate(py)
             np.random.set_state(npy)
@@ -210,6 +214,126 @@ def per_class_subset(dataset: Any, limit: int) -> Any:
     return subset
 
 
+# --------------------------------------------------------------------------- batch-level ToTensor + Normalize
+
+
+def base_and_indices(dataset: Any) -> tuple[Any, list[int]]:
+    """The dataset under any Subsets, and the indices into it that ``dataset`` uses."""
+    indices = list(range(len(dataset)))
+    while isinstance(dataset, Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def _byte_image(pic: Any) -> bool:
+    """A PIL image that ToTensor turns into bytes ÷ 255 (not modes 1, I*, F)."""
+    from PIL import Image
+
+    return isinstance(pic, Image.Image) and pic.mode != "1" and not pic.mode.startswith(("I", "F"))
+
+
+class ToUint8Tensor:
+    """Ends a transform in place of ``ToTensor(), Normalize(mean, std)``: 8-bit
+    images stay bytes (a quarter of the floats to pass between processes), to
+    be scaled and normalised a batch at a time by :class:`Loader`; anything
+    else goes through the original two steps."""
+
+    def __init__(self, to_tensor: Callable[[Any], Any], normalize: Any):
+        self.to_tensor, self.normalize = to_tensor, normalize
+        self.mean, self.std = tuple(map(float, normalize.mean)), tuple(map(float, normalize.std))
+
+    def __call__(self, pic: Any) -> Any:
+        if _byte_image(pic):  # torchvision's pil_to_tensor, without going through numpy
+            w, h = pic.size
+            return torch.frombuffer(bytearray(pic.tobytes()), dtype=torch.uint8).view(h, w, -1).permute(2, 0, 1)
+        return self.normalize(self.to_tensor(pic))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(then per batch: ToTensor, Normalize(mean={self.mean}, std={self.std}))"
+
+
+def defer_normalize(dataset: Any) -> ToUint8Tensor | None:
+    """Where ``dataset``'s transform is a Compose ending in ``ToTensor(),
+    Normalize(...)``, replace those two steps by :class:`ToUint8Tensor`; returns
+    it (None where the transform is anything else)."""
+    from torchvision import transforms as T
+
+    base, _ = base_and_indices(dataset)
+    transform = getattr(base, "transform", None)
+    if not isinstance(transform, T.Compose) or len(transform.transforms) < 2:
+        return None
+    *head, to_tensor, normalize = transform.transforms
+    if isinstance(normalize, ToUint8Tensor):
+        return normalize
+    if type(to_tensor) is not T.ToTensor or type(normalize) is not T.Normalize or normalize.inplace:
+        return None
+    last = ToUint8Tensor(to_tensor, normalize)
+    base.transform = T.Compose([*head, last])
+    return last
+
+
+def finish_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images to what ToTensor then Normalize give, bit for bit, for the whole batch."""
+    return images.to(torch.get_default_dtype()).div_(255).sub_(mean).div_(std)
+
+
+class _Collate:
+    """default_collate; 8-bit samples are finished here in a batch that also
+    holds images only the original steps could convert (rare: 16-bit, float)."""
+
+    def __init__(self, last: ToUint8Tensor):
+        self.mean = torch.tensor(last.mean).view(-1, 1, 1)
+        self.std = torch.tensor(last.std).view(-1, 1, 1)
+
+    def __call__(self, batch: list[Any]) -> Any:
+        from torch.utils.data import default_collate
+
+        if batch and isinstance(batch[0], (tuple, list)) and isinstance(batch[0][0], torch.Tensor):
+            dtypes = {sample[0].dtype for sample in batch}
+            if torch.uint8 in dtypes and len(dtypes) > 1:
+                batch = [
+                    (finish_images(s[0], self.mean, self.std), *s[1:]) if s[0].dtype == torch.uint8 else s
+                    for s in batch
+                ]
+        return default_collate(batch)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose uint8 image batches (see :class:`ToUint8Tensor`) are
+    scaled and normalised on arrival, on ``device`` when given (they cross
+    to a GPU as bytes)."""
+
+    def __init__(self, *args: Any, finish: ToUint8Tensor | None = None, device: torch.device | None = None,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.finish, self.device = finish, device
+        self._stats: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _finish(self, batch: Any) -> Any:
+        if not isinstance(batch, (tuple, list)) or not batch or not isinstance(batch[0], torch.Tensor):
+            return batch
+        images = batch[0]
+        if images.dtype != torch.uint8:
+            return batch
+        if self.device is not None:
+            images = images.to(self.device, non_blocking=True)
+        if images.device not in self._stats:
+            assert self.finish is not None
+            self._stats[images.device] = (
+                torch.tensor(self.finish.mean, device=images.device).view(1, -1, 1, 1),
+                torch.tensor(self.finish.std, device=images.device).view(1, -1, 1, 1),
+            )
+        return (finish_images(images, *self._stats[images.device]), *batch[1:])
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        batches = super().__iter__()
+        _WORKERS.update(getattr(batches, "_workers", ()))
+        if self.finish is None:
+            return batches
+        return map(self._finish, batches)
+
+
 def make_loader(
     dataset: Any,
     *,
@@ -223,13 +347,17 @@ def make_loader(
     rank: int = 0,
     bad_images: str = "error",
     worker_nice: int = 0,
-) -> DataLoader:
+    device: torch.device | None = None,
+) -> Loader:
+    """The loader of a split. A transform ending in ``ToTensor(), Normalize()`` is
+    finished per batch (:func:`defer_normalize`), on ``device`` when given."""
     size = len(dataset)
+    finish = defer_normalize(dataset)
     if train and repeats > 1:
         base: Sampler[int] = RepeatedAugSampler(size, repeats=repeats, seed=seed, num_replicas=num_replicas, rank=rank)
     else:
         base = ShuffleSampler(size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=train, pad=train)
-    loader = DataLoader(
+    loader = Loader(
         SeededDataset(dataset, bad_images),
         batch_size=batch_size,
         sampler=SeededSampler(base, seed),
@@ -241,6 +369,9 @@ def make_loader(
         worker_init_fn=functools.partial(_worker_init, nice=worker_nice) if num_workers > 0 else None,
         # a fixed base seed: the loader draws nothing from the global RNG (samples are seeded one by one)
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=_Collate(finish) if finish is not None else None,
+        finish=finish,
+        device=device if device is not None and device.type != "cpu" else None,
     )
     if num_workers > 0:
         _track(loader)
@@ -248,6 +379,7 @@ def make_loader(
 
 
 _LIVE_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+_WORKERS: "weakref.WeakSet[Any]" = weakref.WeakSet()  # every worker process our loaders started
 
 
 def _track(loader: DataLoader) -> None:
@@ -262,6 +394,17 @@ def _track(loader: DataLoader) -> None:
 def _release_all() -> None:
     for loader in list(_LIVE_LOADERS):
         release_workers(loader)
+    _kill_orphaned_workers()
+
+
+def _kill_orphaned_workers() -> None:
+    """Kill the workers of loaders the cyclic garbage collector freed: it closes
+    their queues before the loader's shutdown message goes out, so they wait
+    for work forever, and they ignore SIGTERM."""
+    for process in list(_WORKERS):
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
 
 
 def release_workers(loader: Any) -> None:

@@ -31,6 +31,7 @@ from deitctl.build import (
 )
 from deitctl.checkpoint import load_file, save_checkpoint
 from deitctl.data import check_classes, make_loader, per_class_subset, release_workers
+from deitctl.image_cache import cache_decoded
 from deitctl.distributed import World, all_reduce_sum, any_rank
 from deitctl.errors import RecipeError, RunError, UserError
 from deitctl.evaluation import evaluate
@@ -184,13 +185,24 @@ def assemble(recipe: Recipe, *, world_size: int = 1, rank: int = 0, with_teacher
         teacher = build_teacher(recipe, num_classes, mean, std)
         check_output(recipe, teacher, num_classes, "teacher")
     pin = recipe.data.pin_memory and device.type == "cuda"
+    data_notes = [
+        f"{split} split: {note}"
+        for split, ds in ((recipe.data.train_split, train_ds), (recipe.data.val_split, val_ds))
+        if (note := cache_decoded(ds, limit_mb=recipe.data.cache_mb, threads=_decode_threads(recipe)))
+    ]
     loader_args = dict(num_workers=recipe.data.num_workers, pin_memory=pin, num_replicas=world_size, rank=rank,
-                       seed=recipe.run.seed, bad_images=recipe.data.bad_images, worker_nice=recipe.data.worker_nice)
+                       seed=recipe.run.seed, bad_images=recipe.data.bad_images, worker_nice=recipe.data.worker_nice,
+                       device=device)
     train_loader = make_loader(train_ds, batch_size=recipe.data.batch_size, train=True,
                                repeats=recipe.data.repeated_aug, **loader_args)
     val_loader = make_loader(val_ds, batch_size=recipe.data.batch_size, train=False, **loader_args)
     return Parts(recipe, device, classes, mean, std, student, strategy, aug, train_loader, val_loader, teacher,
-                 extra={"notes": notes})
+                 extra={"notes": notes, "data_notes": data_notes})
+
+
+def _decode_threads(recipe: Recipe) -> int:
+    """Threads that fill the image cache: as many as the loader has workers, within the CPU count."""
+    return max(1, min(recipe.data.num_workers, os.cpu_count() or 1))
 
 
 def check_output(recipe: Recipe, module: nn.Module, num_classes: int, section: str) -> None:
@@ -637,6 +649,8 @@ class Trainer:
             (self.out / "recipe.toml").write_text(r.to_toml(), encoding="utf-8")
         for note in self.parts.extra.get("notes", []):
             self.reporter.log(f"student initialised from {r.student.checkpoint}: {note}")
+        for note in self.parts.extra.get("data_notes", []):
+            self.reporter.log(note)
         self.reporter.log(
             f"{r.run.name}: {self.parts.num_classes} classes, {len(self.parts.train_loader.dataset)} training images, "
             f"device {self.device}, world size {self.world_size}, lr {self.lr:.3g}"

@@ -108,7 +108,7 @@ def evaluate_checkpoint(ckpt: Path, *, data: Path | None = None, model: str | No
     if t is not None and (not t.checkpoint or Path(t.checkpoint).is_file()):
         teacher = build_teacher(recipe, len(classes), mean, std).to(device)
     loader = make_loader(dataset, batch_size=recipe.data.batch_size, train=False, seed=recipe.run.seed,
-                         num_workers=min(recipe.data.num_workers, 4), pin_memory=device.type == "cuda")
+                         num_workers=min(recipe.data.num_workers, 4), pin_memory=device.type == "cuda", device=device)
     precision = resolve_precision(device, recipe.run.precision)
     attention = resolve_attention(device, precision, recipe.run.attention)
     for model in (student, teacher):

@@ -67,6 +67,8 @@ class DataSection:
     bad_images: str = _f("error", "on unreadable images: stop, or skip them", choices=("error", "skip"))
     worker_nice: int = _f(0, "raise the loader workers' niceness by N (Unix): on a CPU shared with the "
                           "training step, the step's threads run first", min=0)
+    cache_mb: int = _f(2048, "decode each split's images once into RAM when their pixels take at most N MiB "
+                         "(0: never)", min=0)
     options: dict = field(default_factory=dict)
 
 

@@ -716,3 +716,34 @@ def test_a_script_that_leaves_loaders_open_exits_and_workers_run_niced(tmp_path)
                           env=subprocess_env())
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"[{base + 5}]"
+
+
+LOADER_IN_A_CYCLE = '''
+import gc, os, torch
+import torch.utils.data._utils as torch_data_utils
+from deitctl.data import make_loader
+
+torch_data_utils.MP_STATUS_CHECK_INTERVAL = 0.5  # torch waits this long for each worker to stop
+
+class Zeros(torch.utils.data.Dataset):
+    def __len__(self): return 8
+    def __getitem__(self, i): return torch.zeros(2), 0
+
+loader = make_loader(Zeros(), batch_size=4, train=True, seed=0, num_workers=2)
+pids = [w.pid for w in loader._iterator._workers] if [b for b in loader] else []
+loader.itself = loader  # a reference cycle: only the cyclic garbage collector frees it
+del loader
+gc.collect()
+print(sum(os.path.exists(f"/proc/{p}") for p in pids))
+'''
+
+
+def test_workers_of_a_loader_freed_by_the_cyclic_gc_do_not_block_exit(tmp_path):
+    """The cyclic GC closes a freed loader's queues before its shutdown message goes
+    out, so its workers wait for work forever (and ignore SIGTERM); exit kills them."""
+    script = tmp_path / "cycle.py"
+    script.write_text(LOADER_IN_A_CYCLE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env=subprocess_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2"  # they outlived their loader, and did not stop the exit
