@@ -280,7 +280,7 @@ def finish_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -
 
 class _Collate:
     """default_collate; 8-bit samples are finished here in a batch that also
-    holds images only the original steps could convert (rare: 16-bit, float)."""
+    holds images only the original steps could convert (modes 1, I, F)."""
 
     def __init__(self, last: ToUint8Tensor):
         self.mean = torch.tensor(last.mean).view(-1, 1, 1)

@@ -38,6 +38,18 @@ def estimate_decoded_mb(paths: Sequence[str], probes: int = 64) -> float:
     return (sum(sizes) / len(sizes) if sizes else 0) * 3 * len(paths) / 2**20
 
 
+def available_memory_mb() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class DecodedImages:
     """A DatasetFolder ``loader`` that returns images decoded once, in advance.
 
@@ -105,6 +117,10 @@ def cache_decoded(dataset: Any, *, limit_mb: float, threads: int = 1) -> str:
     estimate = estimate_decoded_mb(paths)
     if estimate > limit_mb:
         return f"{len(paths):,} images not cached: about {estimate:,.0f} MB decoded, over data.cache_mb = {limit_mb:g}"
+    available = available_memory_mb()
+    if available is not None and estimate > available / 4:
+        return (f"{len(paths):,} images not cached: about {estimate:,.0f} MB decoded, over a quarter of the "
+                f"{available:,.0f} MB of memory available")
     cache = DecodedImages(loader, paths, threads)
     base.loader = cache
     left = f"; {cache.uncached} left to the loader (unreadable or not L/RGB/RGBA)" if cache.uncached else ""

@@ -160,3 +160,12 @@ def test_training_logs_the_cache(tmp_path):
     assert "train split: 40 images decoded into RAM" in output
     assert "val split: 20 images decoded into RAM" in output
     assert "decoded into RAM" not in train("uncached", "data.cache_mb=0")
+
+
+def test_no_cache_beyond_a_quarter_of_the_available_memory(small_tree, monkeypatch):
+    import deitctl.image_cache as image_cache
+
+    ds = imagefolder(root=str(small_tree), split="train")
+    monkeypatch.setattr(image_cache, "available_memory_mb", lambda: 0.01)
+    assert "over a quarter of the 0 MB of memory available" in cache_decoded(ds, limit_mb=64)
+    assert ds.loader is _rgb_loader
