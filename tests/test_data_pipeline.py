@@ -169,3 +169,15 @@ def test_no_cache_beyond_a_quarter_of_the_available_memory(small_tree, monkeypat
     monkeypatch.setattr(image_cache, "available_memory_mb", lambda: 0.01)
     assert "over a quarter of the 0 MB of memory available" in cache_decoded(ds, limit_mb=64)
     assert ds.loader is _rgb_loader
+
+
+def test_batches_are_finished_on_the_training_device(small_tree):
+    """On a GPU the bytes cross to the device and are normalised there; the meta
+    device stands in for CUDA (same code path, no values)."""
+    aug = simple(img_size=32, mean=MEAN, std=STD, num_classes=2)
+    ds = imagefolder(root=str(small_tree), split="train", transform=aug.eval_transform)
+    loader = make_loader(ds, batch_size=8, train=False, seed=0, num_workers=0, device=torch.device("meta"))
+    images, targets = next(iter(loader))
+    assert images.device.type == "meta" and images.dtype == torch.float32 and images.shape == (8, 3, 32, 32)
+    assert targets.device.type == "cpu"  # the training step moves targets itself
+    assert make_loader(ds, batch_size=8, train=False, seed=0, num_workers=0, device=torch.device("cpu")).device is None
