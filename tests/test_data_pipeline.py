@@ -181,3 +181,14 @@ def test_batches_are_finished_on_the_training_device(small_tree):
     assert images.device.type == "meta" and images.dtype == torch.float32 and images.shape == (8, 3, 32, 32)
     assert targets.device.type == "cpu"  # the training step moves targets itself
     assert make_loader(ds, batch_size=8, train=False, seed=0, num_workers=0, device=torch.device("cpu")).device is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_finished_on_cuda_equal_those_finished_on_the_cpu(small_tree):
+    aug = simple(img_size=32, mean=MEAN, std=STD, num_classes=2)
+    gpu = make_loader(imagefolder(root=str(small_tree), split="train", transform=aug.eval_transform), batch_size=8,
+                      train=False, seed=0, num_workers=2, pin_memory=True, device=torch.device("cuda"))
+    cpu = make_loader(imagefolder(root=str(small_tree), split="train", transform=aug.eval_transform), batch_size=8,
+                      train=False, seed=0, num_workers=0)
+    for (xg, yg), (xc, yc) in zip(_batches(gpu), _batches(cpu), strict=True):
+        assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(yg, yc)
