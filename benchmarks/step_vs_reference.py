@@ -3,12 +3,17 @@
 official DeiT engine (facebookresearch/deit, engine.py + losses.py) does it.
 
 Both sides train the same model (same initial weights) on the same in-memory
-batches, alternated in one process: every round runs each variant for
-``--steps`` steps, in a rotated order (ABCD, BCDA, ...), so that load from
-other processes on a shared machine hits every variant alike. Each variant is
-reported as images/s and as the ratio of its speed to the reference's, taken
-round by round (median step time of the variant vs the reference's in that
-round) and summarised by the median over rounds (and the range).
+batches, alternated: every round runs each variant for ``--steps`` steps, in a
+rotated order (ABCD, BCDA, ...), so that load from other processes on a shared
+machine hits every variant alike. Each variant is reported as images/s and as
+the ratio of its speed to the reference's, taken round by round (median step
+time of the variant vs the reference's in that round) and summarised by the
+median over rounds (and the range), with its page faults and system CPU time
+per step. By default each runner has a process of its own (``--isolation
+process``; only one computes at a time), so the reference runs with the C
+library's defaults, as the official code does, while deitctl's variants apply
+their recipe's process-wide settings (``run.retain_host_memory``);
+``--isolation none`` runs everything in this process.
 
 deitctl's side is ``deitctl.engine.Trainer`` built from a recipe (synthetic
 data, so no files), stepped by :func:`deitctl.benchmark.train_step`, which is
@@ -44,12 +49,12 @@ import math
 import statistics
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from alternate import Runner, Step, alternate, local_runner, median_step_s, remote_runner, speed_ratios
 from torch import nn
 
 ALL_VARIANTS = ("deitctl", "bf16", "bf16_fused_attn", "teacher_bf16", "channels_last", "loop_adamw", "compile", "best_eager", "best")
@@ -220,33 +225,46 @@ def build_deitctl(args: argparse.Namespace, tweaks: tuple[str, ...], output_dir:
     return trainer
 
 
-# --------------------------------------------------------------------------- timing
+# --------------------------------------------------------------------------- runners
 
 
-@dataclass
-class Runner:
-    name: str
-    step: Callable[[torch.Tensor, torch.Tensor, int], Any]
-    rounds: list[list[float]] = field(default_factory=list)
-    error: str = ""
+def make_batches(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g),
+             torch.randint(0, args.classes, (args.batch,), generator=g)) for _ in range(4)]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def make_step(args: argparse.Namespace, name: str, states: dict, lr: float, base=None) -> Step:
+    """One runner's step function: the reference, or deitctl with ``name``'s settings."""
+    device = torch.device(args.device)
+    if name == "reference":
+        return build_reference(args, states["student"], states["teacher"], lr, device).step
+    from deitctl.benchmark import train_step
+
+    out_dir = f"{tempfile.gettempdir()}/step_vs_reference-unused"  # Trainer never writes (no fit)
+    trainer = base if name == "deitctl" and base is not None else build_deitctl(args, TWEAKS[name], out_dir)
+    trainer.student.load_state_dict(states["student"])
+    trainer.student.train()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return lambda x, y, i: train_step(trainer, x, y, i)
 
 
-def run_steps(runner: Runner, batches, first: int, count: int, device: torch.device) -> list[float]:
-    times = []
-    for i in range(first, first + count):
-        x, y = batches[i % len(batches)]
-        x, y = x.clone(), y.clone()  # timm's Mixup works in place
-        sync(device)
-        t0 = time.perf_counter()
-        runner.step(x, y, i)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+def make_in_process(args: argparse.Namespace, name: str, states_path: str, lr: float):
+    """What a runner's own process builds (``--isolation process``)."""
+    import random
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(0)
+    torch.manual_seed(0)
+    try:
+        import numpy
+
+        numpy.random.seed(0)  # timm's Mixup draws from numpy
+    except ImportError:
+        pass
+    step = make_step(args, name, torch.load(states_path), lr)
+    return step, make_batches(args), torch.device(args.device)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -267,7 +285,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-channels", type=lambda s: [int(c) for c in s.split(",")], default=[32, 64, 128, 256])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--isolation", default="process", choices=("process", "none"),
+                   help="process: each runner in a process of its own, stepped in turn (the default: the "
+                        "reference keeps the C library's allocator settings, as the official code runs); "
+                        "none: all in this process")
     p.add_argument("--json", dest="json_path", default="", help="also write the results to this file")
+    p.add_argument("--write-recipe", default="", metavar="PATH",
+                   help="write deitctl's recipe for these settings (fp32) to PATH and exit")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in TWEAKS]
@@ -277,76 +301,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deitctl.benchmark import train_step
-
     args = parse_args(argv)
+    if args.write_recipe:
+        with open(args.write_recipe, "w", encoding="utf-8") as f:
+            f.write(recipe_text(args, f"{tempfile.gettempdir()}/step_vs_reference-unused"))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out_dir = f"{tempfile.gettempdir()}/step_vs_reference-unused"  # Trainer never writes (no fit)
 
-    runners: list[Runner] = []
     base = build_deitctl(args, (), out_dir)
-    student_state = {k: v.detach().clone() for k, v in base.student.state_dict().items()}
-    teacher_state = {k: v.detach().clone() for k, v in base.teacher.model.state_dict().items()}
-    reference = build_reference(args, student_state, teacher_state, base.lr, device)
-    runners.append(Runner("reference", reference.step))
-    for name in args.variants:
-        trainer = base if name == "deitctl" else build_deitctl(args, TWEAKS[name], out_dir)
-        trainer.student.load_state_dict(student_state)
-        trainer.student.train()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        runners.append(Runner(name, lambda x, y, i, t=trainer: train_step(t, x, y, i)))
-
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g),
-                torch.randint(0, args.classes, (args.batch,), generator=g)) for _ in range(4)]
-
+    states = {"student": {k: v.detach().clone() for k, v in base.student.state_dict().items()},
+              "teacher": {k: v.detach().clone() for k, v in base.teacher.model.state_dict().items()}}
+    names = ["reference"] + list(args.variants)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; "
           f"{args.student} depth {args.depth} at {args.img_size} px / patch {args.patch}, batch {args.batch}; "
-          f"teacher {args.teacher} {args.teacher_channels}; {args.rounds} rounds x {args.steps} steps", flush=True)
-    for r in runners:
-        started = time.perf_counter()
+          f"teacher {args.teacher} {args.teacher_channels}; {args.rounds} rounds x {args.steps} steps; "
+          f"isolation {args.isolation}", flush=True)
+    runners: list[Runner] = []
+    with tempfile.TemporaryDirectory() as tmp:
         try:
-            run_steps(r, batches, 0, args.warmup, device)
-        except Exception as exc:  # e.g. torch.compile without a compiler
-            r.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        print(f"  warm-up {r.name}: {time.perf_counter() - started:.1f} s{'  FAILED ' + r.error if r.error else ''}", flush=True)
-    live = [r for r in runners if not r.error]
-    for rnd in range(args.rounds):
-        shift = rnd % len(live)
-        for r in live[shift:] + live[:shift]:
-            r.rounds.append(run_steps(r, batches, args.warmup + rnd * args.steps, args.steps, device))
-        print(f"  round {rnd + 1}/{args.rounds}: " + ", ".join(
-            f"{r.name} {args.batch / statistics.median(r.rounds[-1]):.0f}" for r in live) + " img/s", flush=True)
+            if args.isolation == "process":
+                states_path = f"{tmp}/states.pt"
+                torch.save(states, states_path)
+                for name in names:
+                    runners.append(remote_runner(name, make_in_process, args, name, states_path, base.lr))
+            else:
+                batches = make_batches(args)
+                for name in names:
+                    runners.append(local_runner(name, make_step(args, name, states, base.lr, base), batches, device))
+            alternate(runners, rounds=args.rounds, steps=args.steps, warmup=args.warmup, images=args.batch)
+        finally:
+            for r in runners:
+                r.close()
+    report(args, runners)
+    return 0
 
+
+def report(args: argparse.Namespace, runners: list[Runner]) -> None:
     ref = runners[0]
     results = []
     for r in runners:
-        if r.error:
-            results.append({"variant": r.name, "error": r.error})
+        if r.error or ref.error:
+            results.append({"variant": r.name, "error": r.error or f"reference: {ref.error}"})
             continue
-        ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(ref.rounds, r.rounds)]
+        ratios = speed_ratios(ref, r)
         results.append({
             "variant": r.name,
-            "images_per_s": args.batch / statistics.median([t for rd in r.rounds for t in rd]),
+            "images_per_s": args.batch / median_step_s(r),
             "ratio": statistics.median(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
+            "page_faults_per_step": r.faults / r.steps,
+            "system_ms_per_step": 1e3 * r.system_s / r.steps,
         })
     print()
-    print(f"{'variant':<16} {'images/s':>10} {'x reference':>12}   range over rounds")
+    print(f"{'variant':<16} {'images/s':>10} {'x reference':>12}   {'range over rounds':<18} "
+          f"{'faults/step':>12} {'sys ms/step':>12}")
     for row in results:
         if "error" in row:
             print(f"{row['variant']:<16} {'failed':>10}   {row['error']}")
         else:
             print(f"{row['variant']:<16} {row['images_per_s']:>10.1f} {row['ratio']:>12.2f}   "
-                  f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}")
+                  f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}{'':<9} "
+                  f"{row['page_faults_per_step']:>12.0f} {row['system_ms_per_step']:>12.1f}")
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump({"settings": {k: v for k, v in vars(args).items() if k != "json_path"},
                        "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from deitctl.distributed import World, all_reduce_sum, any_rank
 from deitctl.errors import RecipeError, RunError, UserError
 from deitctl.evaluation import evaluate
 from deitctl.recipe import Recipe, recipe_from_text
-from deitctl.runtime import resolve_attention, resolve_precision, set_attention, set_threads
+from deitctl.runtime import configure_process, resolve_attention, resolve_precision, set_attention
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -360,7 +360,7 @@ class Trainer:
         self.parts = assemble(recipe, world_size=world_size, rank=rank)
         p = self.parts
         self.device = p.device
-        set_threads(recipe.run.threads)
+        self.retains_host_memory = configure_process(recipe.run.threads, recipe.run.retain_host_memory)
         self.precision = resolve_precision(self.device, recipe.run.precision)
         self.autocast = autocast_factory(self.device, self.precision)
         self.student = p.student.to(self.device)
@@ -659,6 +659,7 @@ class Trainer:
         self.reporter.log(
             f"precision {self.precision}{auto}, attention {self.attention}, optimizer {r.optimizer.name} "
             f"({optimizer_implementation(self.optimizer)}), {torch.get_num_threads()} threads"
+            + (", freed host memory kept for reuse" if self.retains_host_memory else "")
         )
         last_metrics: dict[str, Any] = {}
         epoch = self.start_epoch - 1

@@ -14,7 +14,7 @@ from deitctl.engine import autocast_factory, recipe_of_checkpoint, resolve_devic
 from deitctl.errors import RecipeError, UserError
 from deitctl.evaluation import evaluate
 from deitctl.recipe import Recipe, recipe_from_dict
-from deitctl.runtime import resolve_attention, resolve_precision, set_attention
+from deitctl.runtime import configure_process, resolve_attention, resolve_precision, set_attention
 
 
 def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dict[str, Any],
@@ -103,6 +103,7 @@ def evaluate_checkpoint(ckpt: Path, *, data: Path | None = None, model: str | No
             dataset.targets = [remap[t] for t in dataset.targets]
     dataset = per_class_subset(dataset, recipe.data.val_per_class)
     device = resolve_device(recipe)
+    configure_process(recipe.run.threads, recipe.run.retain_host_memory)
     teacher = None
     t = recipe.teacher
     if t is not None and (not t.checkpoint or Path(t.checkpoint).is_file()):

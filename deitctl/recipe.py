@@ -47,6 +47,9 @@ class RunSection:
     attention: str = _f("auto", "attention kernel: fused (scaled_dot_product_attention) or math (explicit matmuls); "
                         "auto: math for bf16/fp16 on CPU, fused otherwise", choices=("auto", "fused", "math"))
     threads: int = _f(0, "torch intra-op threads per process (0: torch's default)", min=0)
+    retain_host_memory: bool = _f(True, "keep freed host memory in the process for reuse (glibc malloc), so a CPU "
+                                  "step does not page-fault its buffers in again every step; false: the C "
+                                  "library's defaults")
     progress: str = _f("auto", "progress output", choices=("auto", "rich", "plain", "none"))
 
 

