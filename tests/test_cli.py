@@ -142,8 +142,14 @@ def test_eval_official_deit_checkpoint_with_model_and_data(tmp_path):
     torch.save({"model": model.state_dict(), "epoch": 299}, path)
     sample = ROOT / "data" / "cifar10-sample"
     args = ["eval", "--ckpt", str(path), "--model", "deit_tiny_distilled_patch16_224", "--data", str(sample),
-            "--set", "data.val_per_class=2", "--set", "data.num_workers=0", "--set", "student.depth=1", "--json"]
-    result = runner.invoke(app, args)
+            "--set", "data.val_per_class=2", "--set", "data.num_workers=0", "--set", "student.depth=1",
+            "--set", "run.threads=1", "--json"]
+    threads = torch.get_num_threads()
+    try:
+        result = runner.invoke(app, args)
+        assert torch.get_num_threads() == 1  # eval applies the recipe's run.threads too
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics["images"] == 20 and {"acc1", "acc5", "loss", "acc1_cls", "acc1_dist"} <= metrics.keys()
