@@ -1,0 +1,47 @@
+"""The scripts under benchmarks/ run end to end (one tiny round each): they are how the
+figures in benchmarks/README.md are reproduced, so they must not rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--depth", "1", "--batch", "8"]
+
+
+def _script(name: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_step_vs_reference_runs_each_side_in_its_own_process(tmp_path):
+    out = tmp_path / "result.json"
+    text = _script("step_vs_reference.py", *TINY, "--rounds", "2", "--steps", "1", "--warmup", "1",
+                   "--variants", "deitctl", "--json", str(out))
+    assert "isolation process" in text
+    result = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in result["results"]}
+    assert set(rows) == {"reference", "deitctl"} and not any("error" in row for row in rows.values())
+    assert rows["reference"]["ratio"] == 1.0 and rows["deitctl"]["ratio"] > 0
+    assert all(row["images_per_s"] > 0 and row["page_faults_per_step"] >= 0 for row in rows.values())
+
+
+def test_step_processes_alternates_recipe_variants(tmp_path):
+    recipe = tmp_path / "model.toml"
+    _script("step_vs_reference.py", *TINY, "--write-recipe", str(recipe))
+    assert tomllib.loads(recipe.read_text())["data"]["batch_size"] == 8
+    text = _script("step_processes.py", str(recipe), "--rounds", "1", "--steps", "1", "--warmup", "0",
+                   "--variant", "", "--variant", "run.threads=1")
+    lines = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("the recipe", "run."))}
+    assert set(lines) == {"the", "run.threads=1"}, text
+    assert float(lines["the"][3]) == 1.0 and float(lines["run.threads=1"][2]) > 0, text
