@@ -36,7 +36,7 @@ from deitctl.distributed import World, all_reduce_sum, any_rank
 from deitctl.errors import RecipeError, RunError, UserError
 from deitctl.evaluation import evaluate
 from deitctl.recipe import Recipe, recipe_from_text
-from deitctl.runtime import configure_process, resolve_attention, resolve_precision, set_attention
+from deitctl.runtime import configure_process, resolve_attention, resolve_gelu_backward, resolve_precision, set_attention
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -366,6 +366,11 @@ class Trainer:
         self.student = p.student.to(self.device)
         self.attention = resolve_attention(self.device, self.precision, recipe.run.attention)
         set_attention(self.student, self.attention)
+        self.gelu_backward = resolve_gelu_backward(self.device, recipe.run.compile, recipe.run.gelu_backward)
+        if self.gelu_backward == "saved":
+            from deitctl.activations import save_gelu_derivative
+
+            save_gelu_derivative(self.student)
         if has_dist_token(self.student):
             self.student.set_distilled_training(True)
         self.teacher = p.teacher.to(self.device) if p.teacher is not None else None
@@ -657,7 +662,8 @@ class Trainer:
         )
         auto = " (auto)" if r.run.precision == "auto" else ""
         self.reporter.log(
-            f"precision {self.precision}{auto}, attention {self.attention}, optimizer {r.optimizer.name} "
+            f"precision {self.precision}{auto}, attention {self.attention}, GELU backward {self.gelu_backward}, "
+            f"optimizer {r.optimizer.name} "
             f"({optimizer_implementation(self.optimizer)}), {torch.get_num_threads()} threads"
             + (", freed host memory kept for reuse" if self.retains_host_memory else "")
         )

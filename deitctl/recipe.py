@@ -46,6 +46,9 @@ class RunSection:
     channels_last: bool = _f(False, "channels_last memory format for the teacher")
     attention: str = _f("auto", "attention kernel: fused (scaled_dot_product_attention) or math (explicit matmuls); "
                         "auto: math for bf16/fp16 on CPU, fused otherwise", choices=("auto", "fused", "math"))
+    gelu_backward: str = _f("auto", "GELU's backward: saved (the compiled forward also stores GELU's derivative, so "
+                            "the backward is one multiply; needs compile) or recompute (PyTorch's: erf and exp again "
+                            "from the saved input); auto: saved when compiling on CPU", choices=("auto", "saved", "recompute"))
     threads: int = _f(0, "torch intra-op threads per process (0: torch's default)", min=0)
     retain_host_memory: bool = _f(True, "keep freed host memory in the process for reuse (glibc malloc), so a CPU "
                                   "step does not page-fault its buffers in again every step; false: the C "

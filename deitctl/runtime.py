@@ -58,6 +58,18 @@ def set_attention(model: nn.Module, attention: str) -> int:
     return count
 
 
+def resolve_gelu_backward(device: torch.device, compile: bool, gelu_backward: str) -> str:
+    """``auto`` → ``saved`` when compiling on CPU, ``recompute`` otherwise.
+
+    On a CPU, GELU's ``erf`` and ``exp`` bound its kernels, and storing the derivative
+    evaluates them once instead of twice (``deitctl.activations``); on a GPU the kernels are
+    bound by memory, which the stored fp32 derivative would add to.
+    """
+    if gelu_backward != "auto":
+        return gelu_backward
+    return "saved" if compile and device.type == "cpu" else "recompute"
+
+
 def set_threads(threads: int) -> None:
     """Intra-op threads for this process (0: leave torch's default)."""
     if threads > 0:

@@ -107,7 +107,8 @@ def test_auto_precision_trains_and_says_what_it_chose(tmp_path):
     assert result.exit_code == 0, result.output
     chosen = "bf16" if cpu_has_native_bf16() else "fp32"
     attention = "math" if chosen == "bf16" else "fused"
-    assert f"precision {chosen} (auto), attention {attention}, optimizer adamw (fused)" in result.output
+    assert (f"precision {chosen} (auto), attention {attention}, GELU backward recompute, optimizer adamw (fused)"
+            in result.output)
     if platform.libc_ver()[0] == "glibc":
         assert "freed host memory kept for reuse" in result.output
     assert (tmp_path / "out" / "last.pt").is_file()
