@@ -26,7 +26,9 @@ Measured, each after ``warmup`` untimed steps:
 ``peak_memory_mb``
     on CUDA ``torch.cuda.max_memory_allocated`` over the training and
     evaluation steps; on CPU the growth of the process' peak resident set
-    size (``getrusage``) from before the parts were built.
+    size from before the parts were built (Linux: free heap memory is returned
+    to the system and the kernel's peak mark reset first, so earlier work in the
+    same process does not hide it; elsewhere ``getrusage``'s lifetime peak).
 """
 
 from __future__ import annotations
@@ -50,6 +52,32 @@ MAX_KEPT_BATCHES = 8  # distinct in-memory batches, cycled through
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+class _HostPeak:
+    """Growth of this process' peak resident set size from now on."""
+
+    def __init__(self) -> None:
+        from deitctl.runtime import release_freed_memory
+
+        try:
+            release_freed_memory()  # memory kept from earlier work would be reused unseen
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to VmRSS (Linux >= 4.0)
+            self.before, self.exact = _proc_status_mb("VmRSS"), True
+        except OSError:
+            self.before, self.exact = _peak_rss_mb(), False
+
+    def growth_mb(self) -> float:
+        if self.exact:
+            return max(0.0, _proc_status_mb("VmHWM") - self.before)
+        return _peak_rss_mb() - self.before
 
 
 def _sync(device: torch.device) -> None:
@@ -134,7 +162,7 @@ def run_benchmark(
 
     steps, warmup = max(1, steps), max(0, warmup)
     recipe = _prepare(recipe, warn)
-    rss_before = _peak_rss_mb()
+    host_peak = _HostPeak()
     trainer = Trainer(recipe)  # builds every part; writes nothing
     device = trainer.device
 
@@ -198,7 +226,7 @@ def run_benchmark(
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak = _peak_rss_mb() - rss_before
+        peak = host_peak.growth_mb()
     return {
         "train_images_per_s": train_rate,
         "eval_images_per_s": eval_images / max(eval_time, 1e-9),

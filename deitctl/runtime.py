@@ -100,6 +100,16 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(_M_MMAP_MAX, 0))
 
 
+def release_freed_memory() -> bool:
+    """Return the C library's free heap memory to the system now (glibc ``malloc_trim``)."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def configure_process(threads: int, retain_host_memory: bool) -> bool:
     """Apply a recipe's per-process settings (``run.threads``, ``run.retain_host_memory``);
     True when freed host memory is now kept for reuse."""
