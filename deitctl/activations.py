@@ -12,7 +12,8 @@ of PyTorch's own vectorised CPU ``erf``; the compiled bf16 outputs are those of
 It takes effect inside ``torch.compile`` with gradients on; elsewhere (eager, eval,
 inference) it is ``F.gelu``, whose single kernel is faster there. Selective activation
 checkpointing marks the forward's results as must-save, so the compiler's partitioner
-keeps the derivative instead of recomputing it from the smaller input.
+keeps the derivative instead of recomputing it from the smaller input. An infinite input
+gives NaN where ``F.gelu`` gives ±inf/0 (training has diverged by then anyway).
 """
 
 from __future__ import annotations
@@ -41,26 +42,34 @@ def gelu_and_derivative(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x * cdf, cdf + x * gauss * _INV_SQRT_2PI
 
 
-class _GELUSavingDerivative(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        value, derivative = gelu_and_derivative(x.float())
-        ctx.save_for_backward(derivative)
-        return value.to(x.dtype)
+def _gelu_with_constant_derivative(x: torch.Tensor) -> torch.Tensor:
+    """GELU(x) whose gradient autograd takes as ``grad * derivative``, a saved constant.
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (derivative,) = ctx.saved_tensors
-        return (grad.float() * derivative).to(grad.dtype)
+    ``x - x.detach()`` is zero in the forward and passes the gradient in the backward: the
+    value is GELU's and the backward is one multiply. (Plain tensor operations rather
+    than an ``autograd.Function``, which AOTAutograd's cache cannot hold: compiled runs
+    would trace it again in every process.)
+    """
+    xf = x.float()
+    value, derivative = gelu_and_derivative(xf.detach())
+    return (value + (xf - xf.detach()) * derivative).to(x.dtype)
+
+
+def _save_everything(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE
 
 
 def _must_save_context() -> Callable[[], Any] | None:
     """``context_fn`` for ``checkpoint`` that saves every result (None on old torch)."""
     try:
-        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
     except ImportError:  # torch < 2.4: the partitioner decides alone
         return None
-    return functools.partial(create_selective_checkpoint_contexts, lambda *args, **kwargs: CheckpointPolicy.MUST_SAVE)
+    context = functools.partial(create_selective_checkpoint_contexts, _save_everything)
+    context.cache_hash = "deitctl.activations._save_everything"  # lets AOTAutograd cache the graphs
+    return context
 
 
 _MUST_SAVE = _must_save_context()  # built here, not while torch.compile traces
@@ -68,10 +77,10 @@ _MUST_SAVE = _must_save_context()  # built here, not while torch.compile traces
 
 def _gelu_saving_derivative(x: torch.Tensor) -> torch.Tensor:
     if _MUST_SAVE is None:
-        return _GELUSavingDerivative.apply(x)
+        return _gelu_with_constant_derivative(x)
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(_GELUSavingDerivative.apply, x, use_reentrant=False, context_fn=_MUST_SAVE)
+    return checkpoint(_gelu_with_constant_derivative, x, use_reentrant=False, context_fn=_MUST_SAVE)
 
 
 class SavedDerivativeGELU(nn.Module):
