@@ -29,7 +29,8 @@ import time
 import torch
 
 from deitctl.benchmark import _prepare, draw_batches
-from deitctl.engine import StopRequest, Trainer
+from deitctl.events import StopRequest
+from deitctl.trainer import Trainer
 from deitctl.recipe import load_recipe
 
 
@@ -98,7 +99,7 @@ def main() -> None:
         name = v or "the recipe"
         overrides = ["run.progress=none"] + [o.strip() for o in v.split(",") if o.strip()]
         trainer = Trainer(_prepare(load_recipe(args.recipe, overrides), print))
-        for note in trainer.parts.extra.get("data_notes", []):
+        for note in trainer.parts.notes:
             print(f"[{name}] {note}")
         batches, data_rate = draw_batches(trainer.parts.train_loader, 30, keep=8)
         print(f"[{name}] loader alone {data_rate:,.0f} img/s, batches of {batches[0][0].dtype}")

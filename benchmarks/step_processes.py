@@ -32,7 +32,7 @@ def make(recipe_path: str, overrides: list[str]):
     """Built in the variant's process: its trainer's step, in-memory batches and device."""
     from deitctl.benchmark import _prepare, draw_batches, train_step
     from deitctl.data import release_workers
-    from deitctl.engine import Trainer
+    from deitctl.trainer import Trainer
     from deitctl.recipe import load_recipe
 
     trainer = Trainer(_prepare(load_recipe(recipe_path, ["run.progress=none", *overrides]), print))

@@ -15,7 +15,7 @@ library's defaults, as the official code does, while deitctl's variants apply
 their recipe's process-wide settings (``run.retain_host_memory``);
 ``--isolation none`` runs everything in this process.
 
-deitctl's side is ``deitctl.engine.Trainer`` built from a recipe (synthetic
+deitctl's side is ``deitctl.trainer.Trainer`` built from a recipe (synthetic
 data, so no files), stepped by :func:`deitctl.benchmark.train_step`, which is
 the body of ``Trainer.train_one_epoch``'s loop (the trainer's own Mixup,
 forwards, strategy and ``_backward``). Variants:
@@ -201,7 +201,7 @@ enabled = false
 
 
 def build_deitctl(args: argparse.Namespace, tweaks: tuple[str, ...], output_dir: str):
-    from deitctl.engine import Trainer
+    from deitctl.trainer import Trainer
     from deitctl.recipe import recipe_from_text
 
     settings = {

@@ -1,6 +1,6 @@
 """``deitctl benchmark``: how fast a recipe trains, evaluates and loads data.
 
-The recipe's parts are built by :class:`deitctl.engine.Trainer` (the same
+The recipe's parts are built by :class:`deitctl.trainer.Trainer` (the same
 models, optimizer, scheduler, Mixup/CutMix, strategy and loaders as a run),
 and nothing is written to the output directory (``fit`` is never called).
 
@@ -18,8 +18,9 @@ Measured, each after ``warmup`` untimed steps:
     in-memory batches.
 ``teacher_share``
     the time of the teacher forward on each step's (mixed) batch, timed inside
-    the step, over the step's time (0 without a teacher). On CUDA the teacher
-    call is bracketed by two synchronisations, which the step time includes.
+    the step by the trainer's :class:`~deitctl.events.StepClock`, over the step's
+    time (0 without a teacher). On CUDA the teacher call is bracketed by two
+    synchronisations, which the step time includes.
 ``data_images_per_s``
     the recipe's training loader alone (its transforms and worker processes),
     counted from its second batch, so worker start-up is left out.
@@ -44,6 +45,7 @@ import torch
 
 from deitctl.data import release_workers
 from deitctl.recipe import Recipe
+from deitctl.trainer import Trainer
 
 KEYS = ("train_images_per_s", "eval_images_per_s", "teacher_share", "data_images_per_s", "peak_memory_mb")
 MAX_KEPT_BATCHES = 8  # distinct in-memory batches, cycled through
@@ -85,27 +87,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Timed:
-    """Wraps the teacher forward and adds up its time (synchronised on CUDA, so
-    the step's kernels before it are not counted as the teacher's)."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
-        self.fn, self.device, self.seconds = fn, device, 0.0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        _sync(self.device)
-        t0 = time.perf_counter()
-        y = self.fn(x)
-        _sync(self.device)
-        self.seconds += time.perf_counter() - t0
-        return y
-
-
-def uses_teacher(trainer: Any) -> bool:
-    return trainer.teacher_forward is not None and getattr(trainer.parts.strategy, "uses_teacher", True)
-
-
-def train_step(trainer: Any, images: torch.Tensor, targets: torch.Tensor, step: int = 0) -> None:
+def train_step(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, step: int = 0) -> None:
     """One training step, exactly the engine's (:meth:`Trainer.train_step`).
     timm's Mixup works in place on ``images``: pass a copy of a batch used again."""
     loss_value = trainer.train_step(images, targets, step=step)
@@ -157,7 +139,6 @@ def run_benchmark(
     warn: Callable[[str], None] = lambda message: None,
 ) -> dict[str, float]:
     """Measure a recipe; returns the five figures of :data:`KEYS`."""
-    from deitctl.engine import Trainer
     from deitctl.evaluation import student_heads
 
     steps, warmup = max(1, steps), max(0, warmup)
@@ -182,28 +163,26 @@ def run_benchmark(
     # training steps; the teacher's forward is timed inside each step
     trainer.student.train()
     trainer.optimizer.zero_grad(set_to_none=True)
-    with_teacher = uses_teacher(trainer)
-    teacher = _Timed(trainer.teacher_forward, device)
-    if with_teacher:
-        trainer.teacher_forward = teacher
+    clock = trainer.clock
+    clock.enabled = True
     step_time = teacher_time = 0.0
     images = 0
     try:
         for i in range(warmup + steps):
             x, y = batch(i)
             _sync(device)
-            teacher.seconds = 0.0
+            clock.reset()
             t0 = time.perf_counter()
             train_step(trainer, x, y, step=i)
             _sync(device)
             if i >= warmup:
                 step_time += time.perf_counter() - t0
-                teacher_time += teacher.seconds
+                teacher_time += clock.seconds["teacher"]
                 images += x.shape[0]
     finally:
-        trainer.teacher_forward = teacher.fn
+        clock.enabled = False
     train_rate = images / max(step_time, 1e-9)
-    share = teacher_time / max(step_time, 1e-9) if with_teacher else 0.0
+    share = teacher_time / max(step_time, 1e-9)
 
     # evaluation forward of the student alone
     model = trainer.student
@@ -240,8 +219,7 @@ def results_table(result: dict[str, float], recipe: Recipe, *, steps: int, warmu
     """The figures as a rich table."""
     from rich.table import Table
 
-    from deitctl.engine import resolve_device
-    from deitctl.runtime import resolve_precision
+    from deitctl.runtime import resolve_device, resolve_precision
 
     d = recipe.data
     device = resolve_device(recipe)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deitctl.errors import UserError
+from deitctl.errors import RecipeError, UserError
+
+if TYPE_CHECKING:
+    from deitctl.recipe import Recipe
 
 STATE_KEYS = ("model", "state_dict", "model_ema", "module")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -93,3 +96,23 @@ def load_weights(model: Any, path: str | Path, *, what: str) -> None:
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
         raise UserError(f"{path}: does not fit the {what}: {detail[:600]}") from None
+
+
+def recipe_of_checkpoint(ckpt: dict[str, Any], path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe a deitctl checkpoint carries; a teacher whose plugin is not installed
+    here is dropped with a warning (using the student does not need it)."""
+    from deitctl.recipe import check_plugins, recipe_from_text
+
+    text = ckpt.get("recipe")
+    if not isinstance(text, str):
+        raise UserError(f"{path}: not a deitctl checkpoint (no recipe inside); pass --model and --data")
+    recipe = recipe_from_text(text, f"{path} (embedded recipe)", overrides, plugins=False)
+    try:
+        check_plugins(recipe)
+    except RecipeError as exc:
+        if recipe.teacher is None or not (exc.key or "").startswith("teacher"):
+            raise
+        recipe.warnings.append(f"teacher left out: {exc.detail}")
+        recipe.teacher = None
+        check_plugins(recipe)
+    return recipe

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deitctl.build import has_dist_token
+from deitctl.assembly import has_dist_token
 
 
 def student_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -42,7 +42,10 @@ def evaluate(
     channels_last: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``loader`` (targets are class indices)."""
+    """Metrics of ``model`` on ``loader`` (targets are class indices), in percent: top-1,
+    top-5; for a student with a distillation token each head alone and the paper's softmax
+    fusion; with a teacher its top-1 and the share of images where student and teacher
+    predict the same class (fused, and each head: the paper's Table 4)."""
     from torchmetrics import MeanMetric
 
     was_training = model.training
@@ -54,10 +57,9 @@ def evaluate(
     if distilled:
         extra = {k: _accuracy(num_classes, 1, device) for k in ("acc1_cls", "acc1_dist", "acc1_softmax_fusion")}
     if teacher is not None:
-        from torchmetrics import MeanMetric as Agreement
-
         extra["teacher_acc1"] = _accuracy(num_classes, 1, device)
-        extra["teacher_agreement"] = Agreement().to(device)
+        agreements = ("teacher_agreement", "teacher_agreement_cls", "teacher_agreement_dist")
+        extra.update({k: MeanMetric().to(device) for k in agreements[: 3 if distilled else 1]})
     images = 0
     try:
         for x, y in loader:
@@ -78,8 +80,12 @@ def evaluate(
                 extra["acc1_dist"].update(dist, y)
                 extra["acc1_softmax_fusion"].update(cls.softmax(1) + dist.softmax(1), y)
             if t_logits is not None:
+                t_class = t_logits.argmax(1)
                 extra["teacher_acc1"].update(t_logits, y)
-                extra["teacher_agreement"].update((t_logits.argmax(1) == logits.argmax(1)).float())
+                extra["teacher_agreement"].update((t_class == logits.argmax(1)).float())
+                if heads is not None:
+                    extra["teacher_agreement_cls"].update((t_class == heads[0].argmax(1)).float())
+                    extra["teacher_agreement_dist"].update((t_class == heads[1].argmax(1)).float())
             images += y.shape[0]
             if on_batch:
                 on_batch(y.shape[0])

@@ -7,14 +7,29 @@ from typing import Any, Callable
 
 import torch
 
-from deitctl.build import build_augmentation, build_dataset, build_student, build_teacher, has_dist_token
-from deitctl.checkpoint import extract_state_dict, load_file
+from deitctl.assembly import (
+    align_classes,
+    build_augmentation,
+    build_dataset,
+    build_student,
+    build_teacher,
+    has_dist_token,
+    normalization,
+)
+from deitctl.checkpoint import extract_state_dict, load_file, recipe_of_checkpoint
 from deitctl.data import make_loader, per_class_subset
-from deitctl.engine import autocast_factory, recipe_of_checkpoint, resolve_device
 from deitctl.errors import RecipeError, UserError
 from deitctl.evaluation import evaluate
-from deitctl.recipe import Recipe, recipe_from_dict
-from deitctl.runtime import configure_process, resolve_attention, resolve_precision, set_attention
+from deitctl.recipe import Recipe, check_plugins, recipe_from_dict
+from deitctl.runtime import (
+    autocast_factory,
+    configure_process,
+    resolve_attention,
+    resolve_device,
+    resolve_precision,
+    set_attention,
+)
+from deitctl.tomlio import apply_overrides
 
 
 def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dict[str, Any],
@@ -34,12 +49,8 @@ def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dic
                  "num_classes": int(head.shape[0]) if head is not None else 0},
         "ema": {"enabled": False},
     }
-    from deitctl.recipe import apply_overrides
-
     apply_overrides(raw, overrides or [])
     recipe = recipe_from_dict(raw, f"{ckpt} (--model {model})")
-    from deitctl.recipe import check_plugins
-
     check_plugins(recipe)
     return recipe
 
@@ -76,8 +87,6 @@ def load_student(ckpt_path: Path, *, model: str | None = None, data: Path | None
         norm = ckpt.get("normalization") or {}
         mean, std = tuple(norm.get("mean", (0.485, 0.456, 0.406))), tuple(norm.get("std", (0.229, 0.224, 0.225)))
     else:
-        from deitctl.build import normalization
-
         mean, std = normalization(student)
     classes = classes or [str(i) for i in range(num_classes)]
     return recipe, student.eval(), classes, mean, std
@@ -90,17 +99,10 @@ def evaluate_checkpoint(ckpt: Path, *, data: Path | None = None, model: str | No
                                                        warn=warn)
     split = split or recipe.data.val_split
     aug = build_augmentation(recipe, mean, std, len(classes))
-    dataset = build_dataset(recipe, split, aug.eval_transform, len(classes))
-    ds_classes = list(getattr(dataset, "classes", []))
-    if ds_classes and classes and not classes[0].isdigit():
-        unknown = [c for c in ds_classes if c not in classes]
-        if unknown:
-            raise RecipeError(f"split {split!r} has classes the checkpoint does not know: {', '.join(unknown[:10])}",
-                              source=str(data or recipe.data.root), key="data.root")
-        if ds_classes != classes and hasattr(dataset, "targets"):
-            remap = [classes.index(c) for c in ds_classes]
-            dataset.target_transform = remap.__getitem__
-            dataset.targets = [remap[t] for t in dataset.targets]
+    dataset = build_dataset(recipe, split, aug.eval_transform, num_classes=len(classes))
+    if classes and not classes[0].isdigit() and (unknown := align_classes(dataset, classes)):
+        raise RecipeError(f"split {split!r} has classes the checkpoint does not know: {', '.join(unknown[:10])}",
+                          source=str(data or recipe.data.root), key="data.root")
     dataset = per_class_subset(dataset, recipe.data.val_per_class)
     device = resolve_device(recipe)
     configure_process(recipe.run.threads, recipe.run.retain_host_memory)

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from deitctl.engine import Reporter
+from deitctl.events import Reporter
 
 
 def format_metrics(m: dict[str, Any]) -> str:

@@ -22,17 +22,10 @@ import pluggy
 
 from deitctl import hookspecs
 from deitctl.errors import PluginError
+from deitctl.kinds import KINDS, kind
 
 GROUP = "deitctl"
 BUILTIN_DIST = "deitctl"
-KINDS = ("teachers", "students", "augmentations", "strategies", "datasets")
-SINGULAR = {
-    "teachers": "teacher",
-    "students": "student",
-    "augmentations": "augmentation",
-    "strategies": "strategy",
-    "datasets": "dataset",
-}
 
 
 @dataclass(frozen=True)
@@ -69,7 +62,7 @@ class Registry:
     """Every registered plugin, by kind and name."""
 
     plugins: dict[str, dict[str, Plugin]] = field(
-        default_factory=lambda: {k: {} for k in KINDS}
+        default_factory=lambda: {k.name: {} for k in KINDS}
     )
     failures: list[LoadFailure] = field(default_factory=list)
 
@@ -78,18 +71,18 @@ class Registry:
         if plugin.name in known:
             other = known[plugin.name]
             raise PluginError(
-                f"{SINGULAR[plugin.kind]} plugin {plugin.name!r} is registered twice: "
+                f"{kind(plugin.kind).singular} plugin {plugin.name!r} is registered twice: "
                 f"by {other.provider} and by {plugin.provider}; uninstall or rename one"
             )
         known[plugin.name] = plugin
 
-    def get(self, kind: str, name: str) -> Plugin:
+    def get(self, kind_name: str, name: str) -> Plugin:
         """The plugin of that kind and name, or an error listing the known ones."""
-        known = self.plugins[kind]
+        known = self.plugins[kind_name]
         if name in known:
             return known[name]
         hint = difflib.get_close_matches(name, known, n=1)
-        msg = f"unknown {SINGULAR[kind]} plugin {name!r}"
+        msg = f"unknown {kind(kind_name).singular} plugin {name!r}"
         if hint:
             msg += f" (did you mean {hint[0]!r}?)"
         msg += f"; known: {', '.join(sorted(known)) or 'none'}"
@@ -99,7 +92,7 @@ class Registry:
         raise PluginError(msg)
 
     def all(self) -> list[Plugin]:
-        return [p for kind in KINDS for _, p in sorted(self.plugins[kind].items())]
+        return [p for k in KINDS for _, p in sorted(self.plugins[k.name].items())]
 
 
 def _autoload_disabled() -> bool:
@@ -127,13 +120,15 @@ def _plugin_modules() -> list[tuple[str, str, Callable[[], Any]]]:
     return found
 
 
-def _registering(registry: Registry, kind: str, provider: str) -> Callable[..., None]:
+def _registering(registry: Registry, kind_name: str, provider: str) -> Callable[..., None]:
+    singular = kind(kind_name).singular
+
     def register(name: str, factory: Callable[..., Any], *, help: str = "") -> None:
         if not isinstance(name, str) or not name:
-            raise PluginError(f"{provider}: a {SINGULAR[kind]} name must be a non-empty string")
+            raise PluginError(f"{provider}: a {singular} name must be a non-empty string")
         if not callable(factory):
-            raise PluginError(f"{provider}: the factory for {SINGULAR[kind]} {name!r} is not callable")
-        registry.add(Plugin(kind, name, factory, (help or "").strip().split("\n")[0], provider))
+            raise PluginError(f"{provider}: the factory for {singular} {name!r} is not callable")
+        registry.add(Plugin(kind_name, name, factory, (help or "").strip().split("\n")[0], provider))
 
     return register
 
@@ -154,7 +149,7 @@ def build_registry() -> Registry:
             continue
         if name is not None:
             providers[name] = provider
-    known = [f"register_{kind}" for kind in KINDS]
+    known = [k.hook for k in KINDS]
     for hook_name, caller in vars(pm.hook).items():  # a misspelt hook would be ignored silently
         if hook_name not in known and getattr(caller, "spec", None) is None:
             for impl in caller.get_hookimpls():
@@ -164,17 +159,15 @@ def build_registry() -> Registry:
                     f"unknown hook {hook_name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                     + f"; deitctl's hooks: {', '.join(known)}",
                 ))
-    for kind in KINDS:
-        for impl in getattr(pm.hook, f"register_{kind}").get_hookimpls():
+    for k in KINDS:
+        for impl in getattr(pm.hook, k.hook).get_hookimpls():
             provider = providers.get(impl.plugin_name, impl.plugin_name)
             try:
-                impl.function(register=_registering(registry, kind, provider))
+                impl.function(register=_registering(registry, k.name, provider))
             except PluginError:
                 raise
             except Exception as exc:
-                registry.failures.append(
-                    LoadFailure(provider, f"register_{kind}: {type(exc).__name__}: {exc}")
-                )
+                registry.failures.append(LoadFailure(provider, f"{k.hook}: {type(exc).__name__}: {exc}"))
     return registry
 
 

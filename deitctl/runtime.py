@@ -1,15 +1,45 @@
-"""Speed settings resolved for one process: precision, attention kernel, threads, host allocator."""
+"""What one process runs on: the device, and the speed settings resolved for it (precision,
+attention kernel, GELU backward, threads, host allocator)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import os
 import platform
 import sys
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
+
+from deitctl.errors import RecipeError
+from deitctl.recipe import Recipe
+
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(recipe: Recipe) -> torch.device:
+    """``run.device``; under torchrun a CUDA process takes the GPU of its ``LOCAL_RANK``."""
+    spec = recipe.run.device
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise RecipeError('no CUDA device is available here (use "auto" or "cpu")', source=recipe.source,
+                          key="run.device")
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(spec)
+
+
+def autocast_factory(device: torch.device, precision: str) -> Callable[[], ContextManager[object]]:
+    """A context factory: autocast to the precision's dtype, or nothing for fp32."""
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=None)

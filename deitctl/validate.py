@@ -1,11 +1,26 @@
-"""Deep recipe checks that need the plugins and models, but no data or weights."""
+"""``deitctl recipe validate``: the deep checks, which build the plugins (models on PyTorch's
+``meta`` device: no memory, no weights) and look for the data, but train nothing."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from deitctl.errors import RecipeError
 from deitctl.recipe import Recipe
+
+
+def _split(recipe: Recipe, split: str, notes: list[str]) -> Any:
+    """A split of the dataset, or None with a note when it is not here."""
+    from deitctl.assembly import build_dataset
+
+    try:
+        return build_dataset(recipe, split, None)
+    except RecipeError as exc:
+        if exc.key != "data.root":
+            raise
+        notes.append(f"data: {exc.detail} does not exist here (needed to train or evaluate)")
+        return None
 
 
 def validate(recipe: Recipe) -> list[str]:
@@ -13,25 +28,34 @@ def validate(recipe: Recipe) -> list[str]:
     be fine later (absent data, a teacher checkpoint not yet trained)."""
     import torch
 
-    from deitctl.build import build_augmentation, build_strategy, build_student, build_teacher, check_student_strategy, normalization
-    from deitctl.engine import num_classes_of, resolve_device
+    from deitctl.assembly import (
+        align_classes,
+        build_augmentation,
+        build_strategy,
+        build_student,
+        build_teacher,
+        check_student_strategy,
+        class_list,
+        normalization,
+    )
+    from deitctl.runtime import resolve_device
 
     notes = list(recipe.warnings)
     resolve_device(recipe)
-    root = Path(recipe.data.root)
-    if recipe.data.dataset == "imagefolder":
-        for split in (recipe.data.train_split, recipe.data.val_split):
-            if not (root / split).is_dir():
-                notes.append(f"data: {root / split} does not exist here (needed to train or evaluate)")
+    train = _split(recipe, recipe.data.train_split, notes)
+    val = _split(recipe, recipe.data.val_split, notes)
+    classes = class_list(recipe, train)
+    if val is not None and train is not None and (unknown := align_classes(val, classes)):
+        raise RecipeError(f"the {recipe.data.val_split!r} split has classes that {recipe.data.train_split!r} "
+                          f"has not: {', '.join(unknown[:10])}", source=recipe.source, key="data.val_split")
     strategy = build_strategy(recipe)
-    num_classes = num_classes_of(recipe) or 1000
     with torch.device("meta"):
-        student = build_student(recipe, num_classes)
+        student = build_student(recipe, len(classes))
         check_student_strategy(recipe, student, strategy)
         mean, std = normalization(student)
         if recipe.teacher is not None:
-            build_teacher(recipe, num_classes, mean, std, load=False)
-    build_augmentation(recipe, mean, std, num_classes)
+            build_teacher(recipe, len(classes), mean, std, load=False)
+    build_augmentation(recipe, mean, std, len(classes))
     if recipe.student.checkpoint and not Path(recipe.student.checkpoint).is_file():
         notes.append(f"student: checkpoint {recipe.student.checkpoint} does not exist here (needed to train)")
     t = recipe.teacher
@@ -42,7 +66,4 @@ def validate(recipe: Recipe) -> list[str]:
             notes.append(f"teacher: {t.checkpoint} does not exist yet; `deitctl train` will train it first with {t.recipe}")
         else:
             notes.append(f"teacher: checkpoint {t.checkpoint} does not exist here (needed to train)")
-    if t is not None and t.recipe and not t.checkpoint:
-        raise RecipeError("a teacher recipe needs [teacher] checkpoint: the file its run produces (e.g. runs/teacher/best.pt)",
-                          source=recipe.source, key="teacher.checkpoint")
     return notes

@@ -81,7 +81,7 @@ def test_teacher_checkpoint_layouts(layout, tmp_path):
     """Official DeiT ({"model": ...}), timm ({"state_dict": ...}), EMA, DDP prefixes, safetensors."""
     import timm
 
-    from deitctl.build import build_teacher
+    from deitctl.assembly import build_teacher
     from deitctl.recipe import recipe_from_dict, check_plugins
 
     source = timm.create_model("resnet18", num_classes=10, channels=[8, 16, 32, 64])

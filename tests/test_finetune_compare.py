@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from deitctl.cli import app
-from deitctl.recipe import dump_toml
+from deitctl.tomlio import dump_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "cifar10-sample"
@@ -121,7 +121,7 @@ def _deit(img_size: int, patch_size: int, *, distilled: bool = True, num_classes
 def test_pos_embed_is_resampled_as_timm_does_and_tokens_are_kept(source_size, target_size, tmp_path):
     from timm.layers import resample_abs_pos_embed
 
-    from deitctl.build import init_student
+    from deitctl.finetune import init_student
     from deitctl.recipe import recipe_from_dict
 
     torch.manual_seed(0)
@@ -158,7 +158,7 @@ def test_pos_embed_from_a_plain_checkpoint_into_a_distilled_student(tmp_path):
     serves both prefix tokens, the distillation token starts as the class token."""
     from timm.layers import resample_abs_pos_embed
 
-    from deitctl.build import init_student
+    from deitctl.finetune import init_student
     from deitctl.recipe import recipe_from_dict
 
     torch.manual_seed(0)
@@ -192,7 +192,7 @@ def _five_class_root(tmp: Path) -> Path:
 
 
 def test_transfer_to_five_classes_reinitialises_the_heads(plain_run, tmp_path):
-    from deitctl.engine import assemble
+    from deitctl.assembly import assemble
     from deitctl.recipe import load_recipe
 
     source = torch.load(plain_run / "best.pt", weights_only=True)
@@ -206,7 +206,7 @@ def test_transfer_to_five_classes_reinitialises_the_heads(plain_run, tmp_path):
     assert tuple(state["head.weight"].shape) == (5, 32) and tuple(state["head.bias"].shape) == (5,)
     for key in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "pos_embed", "cls_token", "norm.bias"):
         torch.testing.assert_close(state[key], source["model"][key])
-    assert any("re-initialised for 5 classes" in n for n in parts.extra["notes"]), parts.extra["notes"]
+    assert any("re-initialised for 5 classes" in n for n in parts.notes), parts.notes
 
     result = _train(recipe)
     assert result.exit_code == 0, result.output
@@ -242,7 +242,7 @@ def _finetune_sets(token_run: Path, teacher_run: Path, out: Path) -> list[str]:
 def test_finetune_with_distillation_at_a_new_resolution(token_run, teacher_run, tmp_path):
     from timm.layers import resample_abs_pos_embed
 
-    from deitctl.engine import Trainer
+    from deitctl.trainer import Trainer
     from deitctl.recipe import load_recipe
 
     recipe_file = ROOT / "recipes" / "deit_b_384_finetune.toml"

@@ -342,7 +342,7 @@ def acme_in_process(monkeypatch):
 def test_build_teacher_gives_logits_of_shape_batch_by_classes(acme_in_process, tmp_path):
     import torch
 
-    from deitctl.build import IMAGENET_MEAN, IMAGENET_STD, build_teacher
+    from deitctl.assembly import IMAGENET_MEAN, IMAGENET_STD, build_teacher
     from deitctl.recipe import load_recipe
     from deitctl.teacher import FrozenTeacher
     from deitctl_acme_teacher import acme_cnn
@@ -463,7 +463,7 @@ def test_an_installed_plugin_also_in_deitctl_plugins_loads_once_without_failure(
 def test_student_checkpoint_initialises_a_plugin_student(acme_in_process, tmp_path):
     import torch
 
-    from deitctl.engine import Trainer
+    from deitctl.trainer import Trainer
     from deitctl.recipe import recipe_from_text
     from deitctl_acme_teacher import acme_cnn
 

@@ -14,7 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from deitctl.cli import app
-from deitctl.engine import Trainer, optimizer_implementation
+from deitctl.optim import optimizer_implementation
+from deitctl.trainer import Trainer
 from deitctl.recipe import load_recipe
 from deitctl.runtime import cpu_has_native_bf16, resolve_attention, resolve_precision, set_attention
 

@@ -93,7 +93,7 @@ def test_every_strategy_trains_and_evaluates(strategy, teacher_ckpt, tmp_path):
 
 def test_teacher_weights_are_frozen_and_loaded(teacher_ckpt, tmp_path):
     """The teacher in training is the checkpoint's, unchanged after a run."""
-    from deitctl.engine import Trainer
+    from deitctl.trainer import Trainer
     from deitctl.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes/quickstart.toml", SMALL_DATA + _student_recipe("hard", teacher_ckpt)

@@ -1,0 +1,419 @@
+"""The training loop, read top to bottom: setup methods, then fit, epoch, step and update."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deitctl.assembly import Parts, assemble, build_teacher, has_dist_token
+from deitctl.distributed import World, all_reduce_sum, any_rank
+from deitctl.errors import RunError, UserError
+from deitctl.evaluation import evaluate
+from deitctl.events import Reporter, StepClock, StopRequest
+from deitctl.optim import make_optimizer, make_scheduler, optimizer_implementation, scaled_lr, scheduler_epoch_after
+from deitctl.recipe import Recipe
+from deitctl.rng import rng_state, seed_everything, set_rng_state
+from deitctl.rundir import RunDir, checkpoint_payload
+from deitctl.runtime import (
+    autocast_factory,
+    configure_process,
+    resolve_attention,
+    resolve_gelu_backward,
+    resolve_precision,
+    set_attention,
+)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    best_acc1: float
+    last: dict[str, Any]
+    epochs_run: int
+
+
+@dataclass
+class Position:
+    """Where the run stands: what a checkpoint restores besides the weights."""
+
+    start_epoch: int = 0
+    best_acc1: float = -1.0
+    num_updates: int = 0
+    skipped_steps: int = 0
+    resume_step: int = 0
+    """Steps of ``start_epoch`` already done (a mid-epoch resume)."""
+    resume_partial: dict[str, float] = field(default_factory=dict)
+    """Their loss sum, image count and time."""
+
+
+class Trainer:
+    """One training run: a recipe's parts, assembled once, and the loop that trains them."""
+
+    def __init__(self, recipe: Recipe, reporter: Reporter | None = None, *, world: World | None = None) -> None:
+        self.recipe, self.reporter = recipe, reporter or Reporter()
+        self.world = world or World()
+        self.rank, self.world_size = self.world.rank, self.world.world_size
+        self.out = recipe.output_dir
+        self.run_dir = RunDir(self.out, is_main=self.world.is_main)
+        seed_everything(recipe.run.seed + self.rank)
+        self.parts: Parts = assemble(recipe, world=self.world)
+        self.device = self.parts.device
+        self.clock = StepClock(self.device)
+        self._setup_speed()
+        self._setup_models()
+        self._setup_optimization()
+        self.position = Position()
+
+    # ---------------------------------------------------------------- setup
+
+    def _setup_speed(self) -> None:
+        """Process-wide settings, then the precision, attention kernel and GELU backward."""
+        run = self.recipe.run
+        self.retains_host_memory = configure_process(run.threads, run.retain_host_memory)
+        self.precision = resolve_precision(self.device, run.precision)
+        self.autocast = autocast_factory(self.device, self.precision)
+        self.attention = resolve_attention(self.device, self.precision, run.attention)
+        self.gelu_backward = resolve_gelu_backward(self.device, run.compile, run.gelu_backward)
+
+    def _setup_models(self) -> None:
+        """Student and teacher on the device with the speed settings; EMA, compile, DDP."""
+        run, p = self.recipe.run, self.parts
+        self.student = p.student.to(self.device)
+        set_attention(self.student, self.attention)
+        if self.gelu_backward == "saved":
+            from deitctl.activations import save_gelu_derivative
+
+            save_gelu_derivative(self.student)
+        if has_dist_token(self.student):
+            self.student.set_distilled_training(True)  # type: ignore[operator]
+        self.teacher = p.teacher.to(self.device) if p.teacher is not None else None
+        if self.teacher is not None:
+            set_attention(self.teacher, self.attention)
+            if run.channels_last:
+                self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        self.ema = None
+        if self.recipe.ema.enabled:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.student, decay=self.recipe.ema.decay, use_warmup=self.recipe.ema.warmup)
+        self.forward: nn.Module = self.student
+        self.teacher_forward: nn.Module | None = self.teacher
+        if run.compile:
+            self.forward = torch.compile(self.student)  # type: ignore[assignment]
+            if self.teacher is not None:
+                self.teacher_forward = torch.compile(self.teacher)  # type: ignore[assignment]
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.forward, device_ids=ids)
+
+    def _setup_optimization(self) -> None:
+        """Batch transform, label loss, optimizer, schedule and gradient scaler."""
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        p, o = self.parts, self.recipe.optimizer
+        self.mixup = p.augmentation.batch_transform
+        smoothing = p.augmentation.smoothing
+        self.base_criterion: nn.Module = (
+            SoftTargetCrossEntropy() if self.mixup is not None
+            else LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss()
+        )
+        self.uses_teacher = self.teacher_forward is not None and getattr(p.strategy, "uses_teacher", True)
+        self.lr = scaled_lr(self.recipe, self.world_size)
+        self.optimizer = make_optimizer(self.recipe, self.student, self.lr)
+        self.accumulate = o.accumulate
+        self.updates_per_epoch = max(1, len(p.train_loader) // self.accumulate)
+        self.scheduler = make_scheduler(self.recipe, self.optimizer, self.updates_per_epoch)
+        # disabled (a pass-through) unless fp16: one update path for both
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    # ---------------------------------------------------------------- checkpoint state
+
+    def state(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint of the run after ``epoch`` (the last finished one)."""
+        p, pos = self.parts, self.position
+        return checkpoint_payload(
+            model=self.student.state_dict(),
+            model_ema=self.ema.module.state_dict() if self.ema is not None else None,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            epoch=epoch,
+            num_updates=pos.num_updates,
+            best_acc1=pos.best_acc1,
+            metrics=metrics,
+            rng=rng_state(),
+            recipe=self.recipe,
+            classes=p.classes,
+            mean=p.mean,
+            std=p.std,
+        )
+
+    def resume(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Weights, optimizer, schedule, scaler, RNGs and position from a checkpoint."""
+        try:
+            self.student.load_state_dict(ckpt["model"])
+            if self.ema is not None and ckpt.get("model_ema"):
+                self.ema.module.load_state_dict(ckpt["model_ema"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler.is_enabled() and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise UserError(
+                f"{path}: cannot resume this recipe from it ({type(exc).__name__}: {str(exc)[:300]})"
+            ) from exc
+        self.position = Position(
+            start_epoch=int(ckpt["epoch"]) + 1,
+            best_acc1=float(ckpt.get("best_acc1", -1.0)),
+            num_updates=int(ckpt.get("num_updates", 0)),
+            resume_step=int(ckpt.get("resume_step", 0)),
+            resume_partial=dict(ckpt.get("resume_partial", {})),
+        )
+        self._warn_changed_settings(ckpt.get("recipe", ""))
+        set_rng_state(ckpt["rng"])
+
+    def _warn_changed_settings(self, saved_text: str) -> None:
+        """On resume, optimizer and schedule state come from the checkpoint."""
+        from deitctl.tomlio import parse_toml
+
+        try:
+            saved = parse_toml(saved_text, "checkpoint")
+        except Exception:
+            return
+        now = self.recipe.to_dict()
+        changed = [
+            f"{section}.{key}"
+            for section in ("optimizer", "schedule")
+            for key, value in now.get(section, {}).items()
+            if saved.get(section, {}).get(key, value) != value
+        ]
+        if saved.get("run", {}).get("epochs", self.recipe.run.epochs) != self.recipe.run.epochs:
+            changed.append("run.epochs")
+        if changed:
+            self.reporter.log(
+                "warning: resuming keeps the checkpoint's optimizer and schedule state; changed settings "
+                f"not applied to them: {', '.join(changed)}"
+            )
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self, *, resume: bool = False) -> TrainResult:
+        """Train to ``run.epochs``: evaluate and commit every epoch, stop on request."""
+        from deitctl.data import BadImageError, clean_error_message
+
+        try:
+            return self._fit(resume)
+        except BadImageError as exc:
+            raise UserError(
+                f'data: {clean_error_message(exc)}; set [data] bad_images = "skip" to skip unreadable images'
+            ) from exc
+        finally:
+            self.reporter.close()
+
+    def _fit(self, resume: bool) -> TrainResult:
+        self._begin(resume)
+        r, pos = self.recipe, self.position
+        last_metrics: dict[str, Any] = {}
+        epoch = pos.start_epoch - 1
+        with StopRequest() as stop:
+            for epoch in range(pos.start_epoch, r.run.epochs):
+                train_metrics = self.train_one_epoch(epoch, stop)
+                if "stopped_at" in train_metrics:
+                    self._commit_stop(epoch, train_metrics)
+                    epoch -= 1
+                    break
+                last_metrics = self._end_epoch(epoch, train_metrics)
+                if any_rank(stop.requested, self.device) and epoch + 1 < r.run.epochs:
+                    self.reporter.log(f"stopped after epoch {epoch + 1}; continue with --resume")
+                    break
+        skipped = self.parts.train_loader.dataset.skipped.value  # type: ignore[attr-defined]
+        if skipped:
+            self.reporter.log(f"warning: {skipped} unreadable training images were skipped")
+        if pos.skipped_steps:
+            self.reporter.log(f"{pos.skipped_steps} fp16 steps were skipped by the gradient scaler (inf/NaN gradients)")
+        return TrainResult(self.out, pos.best_acc1, last_metrics, epoch + 1)
+
+    def _begin(self, resume: bool) -> None:
+        """Resume when asked, prepare the run directory, and log what runs."""
+        r = self.recipe
+        if resume:
+            self.resume(self.run_dir.last_checkpoint(), self.run_dir / "last.pt")
+            pos = self.position
+            where = f"epoch {pos.start_epoch + 1}" + (f", step {pos.resume_step + 1}" if pos.resume_step else "")
+            self.reporter.log(f"resuming from {self.run_dir / 'last.pt'} at {where}")
+        self.run_dir.begin(r, resume_epoch=self.position.start_epoch if resume else None)
+        for note in self.parts.notes:
+            self.reporter.log(note)
+        self.reporter.log(
+            f"{r.run.name}: {self.parts.num_classes} classes, {len(self.parts.train_loader.dataset)} training images, "  # type: ignore[arg-type]
+            f"device {self.device}, world size {self.world_size}, lr {self.lr:.3g}"
+        )
+        auto = " (auto)" if r.run.precision == "auto" else ""
+        self.reporter.log(
+            f"precision {self.precision}{auto}, attention {self.attention}, GELU backward {self.gelu_backward}, "
+            f"optimizer {r.optimizer.name} ({optimizer_implementation(self.optimizer)}), "
+            f"{torch.get_num_threads()} threads"
+            + (", freed host memory kept for reuse" if self.retains_host_memory else "")
+        )
+
+    def _commit_stop(self, epoch: int, train_metrics: dict[str, Any]) -> None:
+        """A stop in the middle of ``epoch``: ``last.pt`` records the steps done."""
+        if self.world.is_main:
+            state = self.state(epoch - 1, {})
+            state.update(resume_step=train_metrics["stopped_at"], resume_partial=train_metrics["partial"])
+            self.run_dir.commit_partial(state)
+        self.reporter.log(
+            f"stopped at epoch {epoch + 1}, step {train_metrics['stopped_at']}; saved {self.run_dir / 'last.pt'} "
+            "(continue with --resume)"
+        )
+
+    def _end_epoch(self, epoch: int, train_metrics: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate when due, then commit the epoch (metrics line, best.pt, last.pt)."""
+        r, pos = self.recipe, self.position
+        is_last = epoch + 1 == r.run.epochs
+        # the last evaluation also measures the teacher and the agreement (paper, Table 4)
+        due = (epoch + 1) % r.run.eval_every == 0 or is_last
+        eval_metrics = self.evaluate(with_teacher=is_last) if due else {}
+        metrics: dict[str, Any] = {"epoch": epoch + 1, **train_metrics, **eval_metrics}
+        if pos.skipped_steps:
+            metrics["skipped_steps"] = pos.skipped_steps
+        skipped = self.parts.train_loader.dataset.skipped.value  # type: ignore[attr-defined]
+        if skipped:
+            metrics["skipped_images"] = skipped
+        improved = "acc1" in eval_metrics and eval_metrics["acc1"] > pos.best_acc1
+        if improved:
+            pos.best_acc1 = eval_metrics["acc1"]
+        metrics["best_acc1"] = pos.best_acc1
+        if self.world.is_main:
+            self.run_dir.commit_epoch(metrics, self.state(epoch, metrics), improved=improved)
+        self.reporter.epoch_end(metrics)
+        return metrics
+
+    def train_one_epoch(self, epoch: int, stop: StopRequest) -> dict[str, Any]:
+        """One epoch (or its rest, after a mid-epoch resume); stops early, at an
+        optimizer-update boundary, when a stop was requested (``"stopped_at"``)."""
+        loader, pos = self.parts.train_loader, self.position
+        skip, partial = pos.resume_step, pos.resume_partial
+        pos.resume_step, pos.resume_partial = 0, {}
+        loader.sampler.set_epoch(epoch, skip=skip * self.recipe.data.batch_size)  # type: ignore[attr-defined]
+        self.student.train()
+        steps = len(loader) + skip
+        self.reporter.epoch_start(epoch, self.recipe.run.epochs, steps)
+        total_loss = float(partial.get("loss_sum", 0.0))
+        seen, elapsed0 = int(partial.get("seen", 0)), float(partial.get("elapsed", 0.0))
+        started, stopped_at = time.perf_counter(), None
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, (images, targets) in enumerate(loader, start=skip):
+            loss_value = self.train_step(images, targets, epoch=epoch, step=step)
+            total_loss += loss_value * images.shape[0]
+            seen += images.shape[0]
+            self.reporter.step(images.shape[0] * self.world_size, loss_value, self.optimizer.param_groups[0]["lr"])
+            update = (step + 1) % self.accumulate == 0
+            if update and step + 1 < steps and any_rank(stop.requested, self.device):
+                stopped_at = step + 1
+                break
+        elapsed = elapsed0 + time.perf_counter() - started
+        total_all, seen_all = all_reduce_sum([total_loss, float(seen)], self.device)
+        out: dict[str, Any] = {
+            "train_loss": total_all / max(seen_all, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": seen_all / max(elapsed, 1e-9),
+            "train_images": int(seen_all),
+            "epoch_time_s": elapsed,
+        }
+        if stopped_at is not None:
+            out["stopped_at"] = stopped_at
+            out["partial"] = {"loss_sum": total_loss, "seen": seen, "elapsed": elapsed}
+        else:
+            self.scheduler.step(scheduler_epoch_after(self.recipe, epoch))
+        return out
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, *, epoch: int = 0, step: int = 0) -> float:
+        """One training step: batch augmentation, student and teacher forwards, the
+        strategy's loss, backward, and (every ``accumulate`` steps) the update."""
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        update = (step + 1) % self.accumulate == 0
+        no_sync = not update and self.world.distributed
+        with self.forward.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+            with self.autocast():
+                outputs = self.forward(images)
+                teacher_logits = self.teacher_logits(images) if self.uses_teacher else None
+                loss = self.parts.strategy(outputs, targets, teacher_logits, self.base_criterion)
+            loss_value = loss.detach().float().item()
+            if not math.isfinite(loss_value):
+                raise RunError(
+                    f"the loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                    f"The last good checkpoint is kept in {self.run_dir / 'last.pt'}"
+                )
+            self.scaler.scale(loss / self.accumulate).backward()  # type: ignore[union-attr]
+        if update:
+            self._update()
+        return loss_value
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher on the student's (augmented, mixed) batch, in inference mode."""
+        assert self.teacher_forward is not None
+        with self.clock.phase("teacher"):
+            if self.recipe.run.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                logits = self.teacher_forward(images)
+            return logits.clone()  # a normal tensor again: the loss may save it for backward
+
+    def _update(self) -> None:
+        """Clip, step (through the scaler, a pass-through unless fp16), schedule, EMA."""
+        clip = self.recipe.optimizer.clip_grad
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.student.parameters(), clip)
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.get_scale() < scale:
+            self.position.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.position.num_updates += 1
+        self.scheduler.step_update(num_updates=self.position.num_updates)
+        if self.ema is not None:
+            self.ema.update(self.student, step=self.position.num_updates)
+
+    # ---------------------------------------------------------------- evaluation
+
+    def _eval_teacher(self) -> nn.Module | None:
+        """The training teacher, or (strategy none) the recipe's teacher when its weights exist."""
+        t = self.recipe.teacher
+        if self.teacher is None and t is not None and t.checkpoint and Path(t.checkpoint).is_file():
+            p = self.parts
+            self.teacher = build_teacher(self.recipe, p.num_classes, p.mean, p.std).to(self.device)
+        return self.teacher
+
+    def evaluate(self, *, with_teacher: bool = False) -> dict[str, Any]:
+        loader = self.parts.val_loader
+        self.reporter.eval_start(len(loader))
+        common: dict[str, Any] = dict(num_classes=self.parts.num_classes, device=self.device,
+                                      autocast=self.autocast, on_batch=self.reporter.eval_step)
+        teacher = self._eval_teacher() if with_teacher else None
+        metrics = evaluate(self.student, loader, teacher=teacher, channels_last=self.recipe.run.channels_last, **common)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, loader, **common)
+            metrics.update({"acc1_ema": ema["acc1"], "acc5_ema": ema["acc5"]})
+        return metrics
+
+    def close(self) -> None:
+        """Stop the data loaders' persistent workers (they would outlive the run)."""
+        from deitctl.data import release_workers
+
+        release_workers(self.parts.train_loader)
+        release_workers(self.parts.val_loader)
