@@ -11,12 +11,14 @@ computes at a time. Besides step times, each runner counts the page faults
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -106,10 +108,8 @@ def remote_runner(name: str, make: Callable[..., Made], *make_args: Any) -> Runn
 
     def close() -> None:
         if proc.is_alive():
-            try:
+            with contextlib.suppress(OSError):
                 parent.send(None)
-            except OSError:
-                pass
             proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
@@ -121,8 +121,9 @@ def remote_runner(name: str, make: Callable[..., Made], *make_args: Any) -> Runn
     return Runner(name, run, close, error="" if status == "ok" else value)
 
 
-def alternate(runners: list[Runner], *, rounds: int, steps: int, warmup: int, images: int,
-              say: Callable[..., None] = print) -> list[Runner]:
+def alternate(
+    runners: list[Runner], *, rounds: int, steps: int, warmup: int, images: int, say: Callable[..., None] = print
+) -> list[Runner]:
     """Warm every runner up (untimed), then ``rounds`` rounds of ``steps`` steps each,
     in an order rotated every round; returns the runners that did not fail. ``images``
     per step is for the progress lines."""
@@ -133,15 +134,21 @@ def alternate(runners: list[Runner], *, rounds: int, steps: int, warmup: int, im
                 r.run(0, warmup)
             except Exception as exc:
                 r.error = describe(exc)
-        say(f"  warm-up {r.name}: {time.perf_counter() - started:.1f} s{'  FAILED ' + r.error if r.error else ''}",
-            flush=True)
+        say(
+            f"  warm-up {r.name}: {time.perf_counter() - started:.1f} s{'  FAILED ' + r.error if r.error else ''}",
+            flush=True,
+        )
     live = [r for r in runners if not r.error]
     for rnd in range(rounds if live else 0):
         shift = rnd % len(live)
         for r in live[shift:] + live[:shift]:
             r.record(r.run(warmup + rnd * steps, steps))
-        say(f"  round {rnd + 1}/{rounds}: " + ", ".join(
-            f"{r.name} {images / statistics.median(r.rounds[-1]):.0f}" for r in live) + " img/s", flush=True)
+        say(
+            f"  round {rnd + 1}/{rounds}: "
+            + ", ".join(f"{r.name} {images / statistics.median(r.rounds[-1]):.0f}" for r in live)
+            + " img/s",
+            flush=True,
+        )
     return live
 
 

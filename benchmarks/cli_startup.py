@@ -32,7 +32,8 @@ def spy(name, *a, **k):
         first[top] = f"{{frames[-1].filename}}:{{frames[-1].lineno}}" if frames else "?"
     return real_import(name, *a, **k)
 builtins.__import__ = spy
-atexit.register(lambda: sys.stderr.write("HEAVY " + repr({{m: first.get(m, "?") for m in HEAVY if m in sys.modules}}) + "\n"))
+atexit.register(lambda: sys.stderr.write(
+    "HEAVY " + repr({{m: first.get(m, "?") for m in HEAVY if m in sys.modules}}) + "\n"))
 sys.argv = ["deitctl"] + {args!r}
 from deitctl.cli import main
 main()
@@ -45,13 +46,21 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 def importtime(args: list[str]) -> tuple[float, list[tuple[float, str]]]:
     """(total seconds of top-level imports, the five largest cumulative ones)."""
-    proc = run([sys.executable, "-X", "importtime", "-c", "import sys; sys.argv=['deitctl']+sys.argv[1:]; "
-                "from deitctl.cli import main; main()", *args])
+    proc = run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-c",
+            "import sys; sys.argv=['deitctl']+sys.argv[1:]; from deitctl.cli import main; main()",
+            *args,
+        ]
+    )
     top: list[tuple[float, str]] = []
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        _, cumulative, raw_name = line[len("import time:"):].split("|")
+        _, cumulative, raw_name = line[len("import time:") :].split("|")
         if raw_name.startswith("  "):  # nested import: counted in its parent
             continue
         top.append((int(cumulative.strip()) / 1e6, raw_name.strip()))
@@ -79,9 +88,14 @@ def main() -> int:
         probe = run([sys.executable, "-c", PROBE.format(heavy=HEAVY, args=args)])
         heavy = next((line[6:] for line in probe.stderr.splitlines() if line.startswith("HEAVY ")), "?")
         print(f"deitctl {' '.join(args)}")
-        print(f"  wall: median {statistics.median(walls):.2f} s (min {min(walls):.2f}, max {max(walls):.2f}, {a.repeat} runs)")
-        print(f"  -X importtime, top-level imports: {total:.3f} s; largest: "
-              + ", ".join(f"{name} {t * 1000:.0f} ms" for t, name in biggest))
+        print(
+            f"  wall: median {statistics.median(walls):.2f} s "
+            f"(min {min(walls):.2f}, max {max(walls):.2f}, {a.repeat} runs)"
+        )
+        print(
+            f"  -X importtime, top-level imports: {total:.3f} s; largest: "
+            + ", ".join(f"{name} {t * 1000:.0f} ms" for t, name in biggest)
+        )
         print(f"  heavy modules imported (and where first): {heavy}")
     return 0
 

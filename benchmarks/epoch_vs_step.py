@@ -30,8 +30,8 @@ import torch
 
 from deitctl.benchmark import _prepare, draw_batches
 from deitctl.events import StopRequest
-from deitctl.trainer import Trainer
 from deitctl.recipe import load_recipe
+from deitctl.trainer import Trainer
 
 
 def in_memory(trainer: Trainer, batches: list, steps: int, first: int = 0) -> tuple[int, float]:
@@ -83,12 +83,21 @@ def whole_epoch(trainer: Trainer, batches: list, epoch: int, steps: int) -> tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")
-    parser.add_argument("--variant", action="append", default=None,
-                        help="comma-separated KEY=VALUE overrides ('' for the recipe as is); repeatable")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="comma-separated KEY=VALUE overrides ('' for the recipe as is); repeatable",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=8, help="real-loader steps between in-memory chunks")
-    parser.add_argument("--whole-epochs", type=int, default=0, metavar="STEPS",
-                        help="time train_one_epoch between STEPS in-memory steps instead of interleaving")
+    parser.add_argument(
+        "--whole-epochs",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="time train_one_epoch between STEPS in-memory steps instead of interleaving",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
     args = parser.parse_args()
     if args.threads:
@@ -114,8 +123,11 @@ def main() -> None:
             else:
                 real, memory = interleaved(trainer, batches, r, args.chunk)
             ratios[name].append(real / memory)
-            print(f"round {r + 1} [{name}]: real loader {real:.0f} img/s, in-memory {memory:.0f} img/s"
-                  f" -> {ratios[name][-1]:.3f}", flush=True)
+            print(
+                f"round {r + 1} [{name}]: real loader {real:.0f} img/s, in-memory {memory:.0f} img/s"
+                f" -> {ratios[name][-1]:.3f}",
+                flush=True,
+            )
     print("\n| variant | real loader ÷ in-memory step, per round | median |\n|---|---|---:|")
     for name, values in ratios.items():
         print(f"| {name} | {' / '.join(f'{x:.2f}' for x in values)} | {statistics.median(values):.2f} |")

@@ -26,7 +26,9 @@ def main() -> None:
     for param in model.parameters():
         param.grad = torch.randn_like(param) * 1e-3
     kinds = {"for-loop": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
-    optimizers = {k: create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05, **kw) for k, kw in kinds.items()}
+    optimizers = {
+        k: create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05, **kw) for k, kw in kinds.items()
+    }
     times: dict[tuple[int, str], list[float]] = {}
     for _ in range(a.rounds):
         for threads in (1, 2):
@@ -37,9 +39,15 @@ def main() -> None:
                 for _ in range(a.steps):
                     opt.step()
                 times.setdefault((threads, name), []).append((time.perf_counter() - t0) / a.steps * 1000)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; ms per step(), median (range) over rounds")
+    print(
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
+        "ms per step(), median (range) over rounds"
+    )
     for (threads, name), t in times.items():
-        print(f"  {threads} thread{'s' if threads > 1 else ' '}  {name:<9} {statistics.median(t):7.1f}  ({min(t):.1f}-{max(t):.1f})")
+        print(
+            f"  {threads} thread{'s' if threads > 1 else ' '}  {name:<9} {statistics.median(t):7.1f}  "
+            f"({min(t):.1f}-{max(t):.1f})"
+        )
 
 
 if __name__ == "__main__":

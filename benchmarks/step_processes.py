@@ -24,7 +24,6 @@ import statistics
 import sys
 
 from alternate import Runner, alternate, median_step_s, remote_runner, speed_ratios
-
 from deitctl.recipe import load_recipe
 
 
@@ -32,8 +31,8 @@ def make(recipe_path: str, overrides: list[str]):
     """Built in the variant's process: its trainer's step, in-memory batches and device."""
     from deitctl.benchmark import _prepare, draw_batches, train_step
     from deitctl.data import release_workers
-    from deitctl.trainer import Trainer
     from deitctl.recipe import load_recipe
+    from deitctl.trainer import Trainer
 
     trainer = Trainer(_prepare(load_recipe(recipe_path, ["run.progress=none", *overrides]), print))
     batches, _ = draw_batches(trainer.parts.train_loader, 8, keep=8)
@@ -45,9 +44,13 @@ def make(recipe_path: str, overrides: list[str]):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe")
-    p.add_argument("--variant", action="append", default=None,
-                   help="comma-separated KEY=VALUE overrides ('' for the recipe as is); repeatable; "
-                        "default: the recipe, and run.retain_host_memory=false")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="comma-separated KEY=VALUE overrides ('' for the recipe as is); repeatable; "
+        "default: the recipe, and run.retain_host_memory=false",
+    )
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
@@ -66,14 +69,18 @@ def main(argv: list[str] | None = None) -> int:
             r.close()
     first = runners[0]
     width = max(len(r.name) for r in runners) + 2
-    print(f"\n{'variant':<{width}} {'images/s':>9} {'x first':>8}   {'range':<10} {'faults/step':>12} {'sys ms/step':>12}")
+    print(
+        f"\n{'variant':<{width}} {'images/s':>9} {'x first':>8}   {'range':<10} {'faults/step':>12} {'sys ms/step':>12}"
+    )
     for r in runners:
         if r.error or first.error:
             print(f"{r.name:<{width}} failed: {r.error or first.error}")
             continue
         ratios = speed_ratios(first, r)
-        print(f"{r.name:<{width}} {batch[r.name] / median_step_s(r):>9.1f} {statistics.median(ratios):>8.2f}   "
-              f"{min(ratios):.2f}-{max(ratios):.2f}  {r.faults / r.steps:>12.0f} {1e3 * r.system_s / r.steps:>12.1f}")
+        print(
+            f"{r.name:<{width}} {batch[r.name] / median_step_s(r):>9.1f} {statistics.median(ratios):>8.2f}   "
+            f"{min(ratios):.2f}-{max(ratios):.2f}  {r.faults / r.steps:>12.0f} {1e3 * r.system_s / r.steps:>12.1f}"
+        )
     return 0
 
 

@@ -54,10 +54,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from alternate import Runner, Step, alternate, local_runner, median_step_s, remote_runner, speed_ratios
 from torch import nn
 
-ALL_VARIANTS = ("deitctl", "bf16", "bf16_fused_attn", "teacher_bf16", "channels_last", "loop_adamw", "compile", "best_eager", "best")
+from alternate import Runner, Step, alternate, local_runner, median_step_s, remote_runner, speed_ratios
+
+ALL_VARIANTS = (
+    "deitctl",
+    "bf16",
+    "bf16_fused_attn",
+    "teacher_bf16",
+    "channels_last",
+    "loop_adamw",
+    "compile",
+    "best_eager",
+    "best",
+)
 EAGER_BEST = ("bf16", "channels_last")
 TWEAKS = {
     "deitctl": (),
@@ -78,7 +89,9 @@ TWEAKS = {
 class DistillationLoss(nn.Module):
     """As the official deit/losses.py: the teacher runs inside the loss."""
 
-    def __init__(self, base_criterion: nn.Module, teacher_model: nn.Module, distillation_type: str, alpha: float, tau: float):
+    def __init__(
+        self, base_criterion: nn.Module, teacher_model: nn.Module, distillation_type: str, alpha: float, tau: float
+    ):
         super().__init__()
         self.base_criterion, self.teacher_model = base_criterion, teacher_model
         self.distillation_type, self.alpha, self.tau = distillation_type, alpha, tau
@@ -94,10 +107,16 @@ class DistillationLoss(nn.Module):
             teacher_outputs = self.teacher_model(inputs)
         if self.distillation_type == "soft":
             T = self.tau
-            distillation_loss = F.kl_div(
-                F.log_softmax(outputs_kd / T, dim=1), F.log_softmax(teacher_outputs / T, dim=1),
-                reduction="sum", log_target=True,
-            ) * (T * T) / outputs_kd.numel()
+            distillation_loss = (
+                F.kl_div(
+                    F.log_softmax(outputs_kd / T, dim=1),
+                    F.log_softmax(teacher_outputs / T, dim=1),
+                    reduction="sum",
+                    log_target=True,
+                )
+                * (T * T)
+                / outputs_kd.numel()
+            )
         else:
             distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
@@ -125,22 +144,37 @@ class Reference:
         self.optimizer.step()
 
 
-def build_reference(args: argparse.Namespace, student_state: dict, teacher_state: dict, lr: float, device: torch.device) -> Reference:
+def build_reference(
+    args: argparse.Namespace, student_state: dict, teacher_state: dict, lr: float, device: torch.device
+) -> Reference:
     import timm
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
 
-    model = timm.create_model(args.student, num_classes=args.classes, img_size=args.img_size, patch_size=args.patch,
-                              depth=args.depth, drop_path_rate=args.drop_path)
+    model = timm.create_model(
+        args.student,
+        num_classes=args.classes,
+        img_size=args.img_size,
+        patch_size=args.patch,
+        depth=args.depth,
+        drop_path_rate=args.drop_path,
+    )
     model.load_state_dict(student_state)
     model.set_distilled_training(True)
     model.to(device).train()
     teacher = timm.create_model(args.teacher, num_classes=args.classes, channels=args.teacher_channels)
     teacher.load_state_dict(teacher_state)
     teacher.to(device).eval()
-    mixup_fn = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
-                     label_smoothing=0.1, num_classes=args.classes)
+    mixup_fn = Mixup(
+        mixup_alpha=0.8,
+        cutmix_alpha=1.0,
+        prob=1.0,
+        switch_prob=0.5,
+        mode="batch",
+        label_smoothing=0.1,
+        num_classes=args.classes,
+    )
     criterion = DistillationLoss(SoftTargetCrossEntropy(), teacher, "hard", 0.5, 1.0)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=0.05)
     return Reference(model, criterion, mixup_fn, optimizer, device)
@@ -201,8 +235,8 @@ enabled = false
 
 
 def build_deitctl(args: argparse.Namespace, tweaks: tuple[str, ...], output_dir: str):
-    from deitctl.trainer import Trainer
     from deitctl.recipe import recipe_from_text
+    from deitctl.trainer import Trainer
 
     settings = {
         "bf16": 'run.precision="bf16"',
@@ -230,8 +264,13 @@ def build_deitctl(args: argparse.Namespace, tweaks: tuple[str, ...], output_dir:
 
 def make_batches(args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g),
-             torch.randint(0, args.classes, (args.batch,), generator=g)) for _ in range(4)]
+    return [
+        (
+            torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g),
+            torch.randint(0, args.classes, (args.batch,), generator=g),
+        )
+        for _ in range(4)
+    ]
 
 
 def make_step(args: argparse.Namespace, name: str, states: dict, lr: float, base=None) -> Step:
@@ -268,9 +307,14 @@ def make_in_process(args: argparse.Namespace, name: str, states_path: str, lr: f
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(ALL_VARIANTS),
-                   help=f"comma-separated, from {', '.join(ALL_VARIANTS)} (the reference always runs)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(ALL_VARIANTS),
+        help=f"comma-separated, from {', '.join(ALL_VARIANTS)} (the reference always runs)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="alternation rounds")
     p.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compilation happens here)")
@@ -285,13 +329,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-channels", type=lambda s: [int(c) for c in s.split(",")], default=[32, 64, 128, 256])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--isolation", default="process", choices=("process", "none"),
-                   help="process: each runner in a process of its own, stepped in turn (the default: the "
-                        "reference keeps the C library's allocator settings, as the official code runs); "
-                        "none: all in this process")
+    p.add_argument(
+        "--isolation",
+        default="process",
+        choices=("process", "none"),
+        help="process: each runner in a process of its own, stepped in turn (the default: the "
+        "reference keeps the C library's allocator settings, as the official code runs); "
+        "none: all in this process",
+    )
     p.add_argument("--json", dest="json_path", default="", help="also write the results to this file")
-    p.add_argument("--write-recipe", default="", metavar="PATH",
-                   help="write deitctl's recipe for these settings (fp32) to PATH and exit")
+    p.add_argument(
+        "--write-recipe",
+        default="",
+        metavar="PATH",
+        help="write deitctl's recipe for these settings (fp32) to PATH and exit",
+    )
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in TWEAKS]
@@ -312,13 +364,18 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = f"{tempfile.gettempdir()}/step_vs_reference-unused"  # Trainer never writes (no fit)
 
     base = build_deitctl(args, (), out_dir)
-    states = {"student": {k: v.detach().clone() for k, v in base.student.state_dict().items()},
-              "teacher": {k: v.detach().clone() for k, v in base.teacher.model.state_dict().items()}}
+    states = {
+        "student": {k: v.detach().clone() for k, v in base.student.state_dict().items()},
+        "teacher": {k: v.detach().clone() for k, v in base.teacher.model.state_dict().items()},
+    }
     names = ["reference"] + list(args.variants)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; "
-          f"{args.student} depth {args.depth} at {args.img_size} px / patch {args.patch}, batch {args.batch}; "
-          f"teacher {args.teacher} {args.teacher_channels}; {args.rounds} rounds x {args.steps} steps; "
-          f"isolation {args.isolation}", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; "
+        f"{args.student} depth {args.depth} at {args.img_size} px / patch {args.patch}, batch {args.batch}; "
+        f"teacher {args.teacher} {args.teacher_channels}; {args.rounds} rounds x {args.steps} steps; "
+        f"isolation {args.isolation}",
+        flush=True,
+    )
     runners: list[Runner] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -347,29 +404,43 @@ def report(args: argparse.Namespace, runners: list[Runner]) -> None:
             results.append({"variant": r.name, "error": r.error or f"reference: {ref.error}"})
             continue
         ratios = speed_ratios(ref, r)
-        results.append({
-            "variant": r.name,
-            "images_per_s": args.batch / median_step_s(r),
-            "ratio": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
-            "page_faults_per_step": r.faults / r.steps,
-            "system_ms_per_step": 1e3 * r.system_s / r.steps,
-        })
+        results.append(
+            {
+                "variant": r.name,
+                "images_per_s": args.batch / median_step_s(r),
+                "ratio": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "page_faults_per_step": r.faults / r.steps,
+                "system_ms_per_step": 1e3 * r.system_s / r.steps,
+            }
+        )
     print()
-    print(f"{'variant':<16} {'images/s':>10} {'x reference':>12}   {'range over rounds':<18} "
-          f"{'faults/step':>12} {'sys ms/step':>12}")
+    print(
+        f"{'variant':<16} {'images/s':>10} {'x reference':>12}   {'range over rounds':<18} "
+        f"{'faults/step':>12} {'sys ms/step':>12}"
+    )
     for row in results:
         if "error" in row:
             print(f"{row['variant']:<16} {'failed':>10}   {row['error']}")
         else:
-            print(f"{row['variant']:<16} {row['images_per_s']:>10.1f} {row['ratio']:>12.2f}   "
-                  f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}{'':<9} "
-                  f"{row['page_faults_per_step']:>12.0f} {row['system_ms_per_step']:>12.1f}")
+            print(
+                f"{row['variant']:<16} {row['images_per_s']:>10.1f} {row['ratio']:>12.2f}   "
+                f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}{'':<9} "
+                f"{row['page_faults_per_step']:>12.0f} {row['system_ms_per_step']:>12.1f}"
+            )
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "json_path"},
-                       "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}, f, indent=2)
+            json.dump(
+                {
+                    "settings": {k: v for k, v in vars(args).items() if k != "json_path"},
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

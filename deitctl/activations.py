@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ def _must_save_context() -> Callable[[], Any] | None:
     except ImportError:  # torch < 2.4: the partitioner decides alone
         return None
     context = functools.partial(create_selective_checkpoint_contexts, _save_everything)
-    context.cache_hash = "deitctl.activations._save_everything"  # lets AOTAutograd cache the graphs
+    context.cache_hash = "deitctl.activations._save_everything"  # type: ignore[attr-defined]  # lets AOTAutograd cache the graphs
     return context
 
 

@@ -6,13 +6,18 @@ imports plugins directly (it goes through the registry).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     import torch
 
 Criterion = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+Outputs: TypeAlias = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
+"""A student's training outputs: logits, or (class, distillation) logits with a distillation token."""
+Register = Callable[..., None]
+"""What every hook receives: ``register(name, factory, *, help="")``."""
 
 
 @dataclass
@@ -46,11 +51,11 @@ class Strategy:
 
     def __call__(
         self,
-        outputs: "torch.Tensor | tuple[torch.Tensor, torch.Tensor]",
-        targets: "torch.Tensor",
-        teacher_logits: "torch.Tensor | None",
+        outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        targets: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
         base_criterion: Criterion,
-    ) -> "torch.Tensor":
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -65,7 +70,7 @@ def make_mixup(
     num_classes: int,
 ) -> Callable[[Any, Any], tuple[Any, Any]] | None:
     """timm's Mixup/CutMix, or ``None`` when both are off."""
-    if mixup <= 0 and cutmix <= 0 or prob <= 0:
+    if (mixup <= 0 and cutmix <= 0) or prob <= 0:
         return None
     from timm.data import Mixup
 

@@ -9,8 +9,9 @@ on (:class:`LateTransform`). Last, the loaders.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,7 +76,9 @@ def call_factory(
     kwargs.update(options)
     try:
         return plugin.factory(**kwargs)
-    except (DeitctlError, *passthrough):
+    except DeitctlError:
+        raise
+    except passthrough:
         raise
     except Exception as exc:
         raise RecipeError(
@@ -100,7 +103,7 @@ def build_strategy(recipe: Recipe) -> Strategy:
     strategy = call_factory(plugin, {}, recipe.distillation.options, recipe, "distillation")
     if not callable(strategy):
         raise PluginError(f"strategy plugin {plugin.name!r} ({plugin.provider}) did not return a callable loss")
-    return strategy  # type: ignore[no-any-return]
+    return strategy
 
 
 def has_dist_token(model: Any) -> bool:
@@ -160,8 +163,9 @@ def build_augmentation(recipe: Recipe, mean: Stats, std: Stats, num_classes: int
     return aug
 
 
-def build_dataset(recipe: Recipe, split: str, transform: Callable[[Any], Any] | None, *,
-                  num_classes: int = 0) -> Dataset[Any]:
+def build_dataset(
+    recipe: Recipe, split: str, transform: Callable[[Any], Any] | None, *, num_classes: int = 0
+) -> Dataset[Any]:
     """One split from the recipe's dataset plugin; a missing one names ``data.root``.
     ``num_classes``: the class count when it is known already (a checkpoint's)."""
     plugin = get_registry().get("datasets", recipe.data.dataset)
@@ -173,7 +177,7 @@ def build_dataset(recipe: Recipe, split: str, transform: Callable[[Any], Any] | 
         "img_size": recipe.data.img_size,
     }
     try:
-        return call_factory(plugin, context, recipe.data.options, recipe, "data", passthrough=(FileNotFoundError,))  # type: ignore[no-any-return]
+        return call_factory(plugin, context, recipe.data.options, recipe, "data", passthrough=(FileNotFoundError,))
     except FileNotFoundError as exc:
         raise RecipeError(
             f"{exc.args[0] if exc.args else exc} (split {split!r} of dataset {recipe.data.dataset!r})",
@@ -182,8 +186,9 @@ def build_dataset(recipe: Recipe, split: str, transform: Callable[[Any], Any] | 
         ) from exc
 
 
-def build_teacher(recipe: Recipe, num_classes: int, student_mean: Stats, student_std: Stats, *,
-                  load: bool = True) -> FrozenTeacher:
+def build_teacher(
+    recipe: Recipe, num_classes: int, student_mean: Stats, student_std: Stats, *, load: bool = True
+) -> FrozenTeacher:
     """The frozen teacher, wrapped to re-normalise and resize the student's batch."""
     from deitctl.checkpoint import load_weights
 
@@ -259,8 +264,9 @@ def class_list(recipe: Recipe, dataset: Any) -> list[str]:
     classes = [str(c) for c in getattr(dataset, "classes", None) or []]
     wanted = recipe.data.num_classes
     if classes and wanted and len(classes) != wanted:
-        raise RecipeError(f"is {wanted} but the dataset has {len(classes)} classes", source=recipe.source,
-                          key="data.num_classes")
+        raise RecipeError(
+            f"is {wanted} but the dataset has {len(classes)} classes", source=recipe.source, key="data.num_classes"
+        )
     return classes or [str(i) for i in range(wanted or DEFAULT_NUM_CLASSES)]
 
 
@@ -277,8 +283,9 @@ def align_classes(dataset: Any, classes: Sequence[str]) -> list[str]:
     return unknown
 
 
-def build_datasets(recipe: Recipe, train_transform: Callable[[Any], Any] | None,
-                   val_transform: Callable[[Any], Any] | None) -> tuple[Any, Any, list[str]]:
+def build_datasets(
+    recipe: Recipe, train_transform: Callable[[Any], Any] | None, val_transform: Callable[[Any], Any] | None
+) -> tuple[Any, Any, list[str]]:
     """(train, val, classes): the validation split renumbered to the training split's classes."""
     d = recipe.data
     train = build_dataset(recipe, d.train_split, train_transform)
@@ -315,8 +322,11 @@ def assemble(recipe: Recipe, *, world: World | None = None, with_teacher: bool |
 
     student = build_student(recipe, num_classes)
     checkpoint = recipe.student.checkpoint
-    notes = [f"student initialised from {checkpoint}: {n}" for n in init_student(student, checkpoint, recipe)
-             ] if checkpoint else []
+    notes = (
+        [f"student initialised from {checkpoint}: {n}" for n in init_student(student, checkpoint, recipe)]
+        if checkpoint
+        else []
+    )
     check_output(recipe, student, num_classes, "student")
     strategy = build_strategy(recipe)
     check_student_strategy(recipe, student, strategy)
@@ -343,9 +353,14 @@ def assemble(recipe: Recipe, *, world: World | None = None, with_teacher: bool |
         if note := cache_decoded(ds, limit_mb=d.cache_mb, threads=_decode_threads(recipe)):
             notes.append(f"{split} split: {note}")
     common: dict[str, Any] = dict(
-        num_workers=d.num_workers, pin_memory=d.pin_memory and device.type == "cuda",
-        num_replicas=world.world_size, rank=world.rank, seed=recipe.run.seed, bad_images=d.bad_images,
-        worker_nice=d.worker_nice, device=device,
+        num_workers=d.num_workers,
+        pin_memory=d.pin_memory and device.type == "cuda",
+        num_replicas=world.world_size,
+        rank=world.rank,
+        seed=recipe.run.seed,
+        bad_images=d.bad_images,
+        worker_nice=d.worker_nice,
+        device=device,
     )
     train_loader = make_loader(train_ds, batch_size=d.batch_size, train=True, repeats=d.repeated_aug, **common)
     val_loader = make_loader(val_ds, batch_size=d.batch_size, train=False, **common)

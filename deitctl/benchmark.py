@@ -38,14 +38,18 @@ import copy
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from deitctl.data import release_workers
 from deitctl.recipe import Recipe
 from deitctl.trainer import Trainer
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 KEYS = ("train_images_per_s", "eval_images_per_s", "teacher_share", "data_images_per_s", "peak_memory_mb")
 MAX_KEPT_BATCHES = 8  # distinct in-memory batches, cycled through
@@ -215,7 +219,7 @@ def run_benchmark(
     }
 
 
-def results_table(result: dict[str, float], recipe: Recipe, *, steps: int, warmup: int):
+def results_table(result: dict[str, float], recipe: Recipe, *, steps: int, warmup: int) -> Table:
     """The figures as a rich table."""
     from rich.table import Table
 
@@ -224,18 +228,31 @@ def results_table(result: dict[str, float], recipe: Recipe, *, steps: int, warmu
     d = recipe.data
     device = resolve_device(recipe)
     precision = resolve_precision(device, recipe.run.precision)
-    table = Table(title=f"{recipe.run.name}: batch {d.batch_size}, {d.img_size} px, precision {precision}, "
-                        f"{steps} steps after {warmup} warm-up")
+    table = Table(
+        title=f"{recipe.run.name}: batch {d.batch_size}, {d.img_size} px, precision {precision}, "
+        f"{steps} steps after {warmup} warm-up"
+    )
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("what")
-    table.add_row("train", f"{result['train_images_per_s']:.1f} img/s",
-                  "whole training step on in-memory batches (mixup, student fwd+bwd, teacher fwd, optimizer)")
+    table.add_row(
+        "train",
+        f"{result['train_images_per_s']:.1f} img/s",
+        "whole training step on in-memory batches (mixup, student fwd+bwd, teacher fwd, optimizer)",
+    )
     table.add_row("eval", f"{result['eval_images_per_s']:.1f} img/s", "student forward, eval mode, no grad")
-    table.add_row("teacher share", f"{result['teacher_share'] * 100:.1f} %", "of the training step spent in the teacher forward")
-    table.add_row("data", f"{result['data_images_per_s']:.1f} img/s",
-                  f"the training loader alone ({d.num_workers} workers, its transforms)")
+    table.add_row(
+        "teacher share", f"{result['teacher_share'] * 100:.1f} %", "of the training step spent in the teacher forward"
+    )
+    table.add_row(
+        "data",
+        f"{result['data_images_per_s']:.1f} img/s",
+        f"the training loader alone ({d.num_workers} workers, its transforms)",
+    )
     cuda = device.type == "cuda"
-    table.add_row("memory", f"{result['peak_memory_mb']:.1f} MB",
-                  "CUDA max allocated" if cuda else "growth of the process' peak RSS (CPU)")
+    table.add_row(
+        "memory",
+        f"{result['peak_memory_mb']:.1f} MB",
+        "CUDA max allocated" if cuda else "growth of the process' peak RSS (CPU)",
+    )
     return table

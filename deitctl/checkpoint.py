@@ -83,7 +83,7 @@ def extract_state_dict(obj: Any, path: str | Path, prefer: tuple[str, ...] = STA
     for key, value in obj.items():
         for prefix in STRIP_PREFIXES:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
+import tomllib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from typing import TYPE_CHECKING, Any
 
 from deitctl.errors import UserError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 CHECKPOINTS = ("last.pt", "best.pt")
 COLUMNS = (
@@ -35,8 +35,10 @@ COLUMNS = (
     ("teacher_agreement", "agreement"),
     ("images_per_s", "images/s"),
 )
-NOT_A_RUN = ("not a deitctl run directory (a run holds recipe.toml and metrics.jsonl, "
-             "written by `deitctl train` into its output directory)")
+NOT_A_RUN = (
+    "not a deitctl run directory (a run holds recipe.toml and metrics.jsonl, "
+    "written by `deitctl train` into its output directory)"
+)
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -134,8 +136,7 @@ def read_run(path: Path) -> dict[str, Any]:
         "recipe": str(run.get("name", "")),
         "strategy": strategy,
         "student": str(student.get("model", student.get("plugin", ""))),
-        "teacher": (str(teacher.get("model", teacher.get("plugin", "")))
-                    if teacher and strategy != "none" else None),
+        "teacher": (str(teacher.get("model", teacher.get("plugin", ""))) if teacher and strategy != "none" else None),
         "epochs": epochs_done,
         "epochs_planned": int(run.get("epochs", epochs_done) or 0),
         "best_acc1": best_acc1,
@@ -148,7 +149,8 @@ def read_run(path: Path) -> dict[str, Any]:
         "teacher_acc1": _last(rows, "teacher_acc1"),
         "teacher_agreement": _last(rows, "teacher_agreement"),
         "images_per_s": statistics.median(speeds) if speeds else None,
-        "train_time_s": sum(float(r["epoch_time_s"]) for r in rows if _number(r.get("epoch_time_s")) is not None) or None,
+        "train_time_s": sum(float(r["epoch_time_s"]) for r in rows if _number(r.get("epoch_time_s")) is not None)
+        or None,
         "source": source,
     }
     summary["complete"] = bool(rows) and epochs_done >= summary["epochs_planned"]
@@ -175,12 +177,14 @@ def _cell(key: str, row: dict[str, Any]) -> str:
     return str(value)
 
 
-def render_table(rows: list[dict[str, Any]]):
+def render_table(rows: list[dict[str, Any]]) -> Table:
     """A rich table: one row per run."""
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} run{'s' if len(rows) != 1 else ''} (top-1, top-5 and agreement in %, "
-                        "on each run's validation split)")
+    table = Table(
+        title=f"{len(rows)} run{'s' if len(rows) != 1 else ''} (top-1, top-5 and agreement in %, "
+        "on each run's validation split)"
+    )
     for key, header in COLUMNS:
         numeric = key in ("epochs", "best_acc1", "last_acc1", "acc5", "teacher_agreement", "images_per_s")
         table.add_column(header, justify="right" if numeric else "left")
@@ -189,7 +193,7 @@ def render_table(rows: list[dict[str, Any]]):
     return table
 
 
-def print_table(console, rows: list[dict[str, Any]]) -> None:
+def print_table(console: Console, rows: list[dict[str, Any]]) -> None:
     """Print the table at its natural width, even where the console is narrower
     (a pipe, CI): cells are never cut to an ellipsis."""
     from rich.measure import Measurement

@@ -14,7 +14,8 @@ import os
 import random
 import sys
 import weakref
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,7 +94,7 @@ class SeededDataset(Dataset):
 
     def _seeded(self, index: int, seed: int) -> Any:
         size = len(self)
-        for attempt in range(min(size, 16)):
+        for _attempt in range(min(size, 16)):
             random.seed(seed)
             np.random.seed(seed)
             torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA, 80x slower
@@ -217,8 +218,9 @@ class Loader(DataLoader):
     scaled and normalised on arrival, on ``device`` when given (they cross
     to a GPU as bytes)."""
 
-    def __init__(self, *args: Any, finish: ToUint8Tensor | None = None, device: torch.device | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self, *args: Any, finish: ToUint8Tensor | None = None, device: torch.device | None = None, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.finish, self.device = finish, device
         self._stats: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -291,8 +293,8 @@ def make_loader(
     return loader
 
 
-_LIVE_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
-_WORKERS: "weakref.WeakSet[Any]" = weakref.WeakSet()  # every worker process our loaders started
+_LIVE_LOADERS: weakref.WeakSet[DataLoader] = weakref.WeakSet()
+_WORKERS: weakref.WeakSet[Any] = weakref.WeakSet()  # every worker process our loaders started
 
 
 def _track(loader: DataLoader) -> None:

@@ -4,7 +4,8 @@ teacher agreement (the paper's Tables 3 and 4)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -12,19 +13,24 @@ from torch import nn
 
 from deitctl.assembly import has_dist_token
 
+if TYPE_CHECKING:
+    from torchmetrics import Metric
 
-def student_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+
+def student_heads(
+    model: nn.Module, images: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """(fused logits, None), or for a student with a distillation token
     ((cls + dist) / 2, (cls, dist)) as timm's model fuses them."""
     if not has_dist_token(model):
         return model(images), None
-    features = model.forward_features(images)
-    cls = model.head(model.head_drop(features[:, 0]))
-    dist = model.head_dist(model.head_drop(features[:, 1]))
+    m: Any = model  # timm's VisionTransformerDistilled interface
+    features = m.forward_features(images)
+    cls, dist = m.head(m.head_drop(features[:, 0])), m.head_dist(m.head_drop(features[:, 1]))
     return (cls + dist) / 2, (cls, dist)
 
 
-def _accuracy(num_classes: int, k: int, device: torch.device):
+def _accuracy(num_classes: int, k: int, device: torch.device) -> Metric:
     from torchmetrics.classification import MulticlassAccuracy
 
     return MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro").to(device)

@@ -11,15 +11,14 @@ the ``deitctl`` entry-point group (the built-in plugins are registered the same 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 
+from deitctl.api import Register
 from deitctl.kinds import KINDS, Kind
 
 hookspec = pluggy.HookspecMarker("deitctl")
-
-Register = Callable[..., None]
 
 
 def _spec(kind: Kind) -> Callable[[Register], None]:
@@ -28,7 +27,7 @@ def _spec(kind: Kind) -> Callable[[Register], None]:
 
     hook.__name__ = hook.__qualname__ = kind.hook
     hook.__doc__ = kind.doc
-    return hookspec(hook)  # type: ignore[no-any-return]
+    return hookspec(hook)
 
 
 for _kind in KINDS:

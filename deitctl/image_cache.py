@@ -7,8 +7,9 @@ cached image is the same PIL image the dataset's loader gave, pixel for pixel.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -100,7 +101,7 @@ class DecodedImages:
         from PIL import Image
 
         h, w, c = self.shapes[i].tolist()
-        pixels = memoryview(self.buffer)[self.offsets[i] : self.offsets[i + 1]]
+        pixels = memoryview(self.buffer)[self.offsets[i] : self.offsets[i + 1]]  # type: ignore[arg-type]
         return Image.frombytes(_MODE_OF_CHANNELS[c], (w, h), pixels)  # a copy: the cache stays read-only
 
 
@@ -119,8 +120,10 @@ def cache_decoded(dataset: Any, *, limit_mb: float, threads: int = 1) -> str:
         return f"{len(paths):,} images not cached: about {estimate:,.0f} MB decoded, over data.cache_mb = {limit_mb:g}"
     available = available_memory_mb()
     if available is not None and estimate > available / 4:
-        return (f"{len(paths):,} images not cached: about {estimate:,.0f} MB decoded, over a quarter of the "
-                f"{available:,.0f} MB of memory available")
+        return (
+            f"{len(paths):,} images not cached: about {estimate:,.0f} MB decoded, over a quarter of the "
+            f"{available:,.0f} MB of memory available"
+        )
     cache = DecodedImages(loader, paths, threads)
     base.loader = cache
     left = f"; {cache.uncached} left to the loader (unreadable or not L/RGB/RGBA)" if cache.uncached else ""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from torch import nn
 
 from deitctl.assembly import (
+    Stats,
     align_classes,
     build_augmentation,
     build_dataset,
@@ -32,8 +35,9 @@ from deitctl.runtime import (
 from deitctl.tomlio import apply_overrides
 
 
-def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dict[str, Any],
-                    overrides: list[str] | None = None) -> Recipe:
+def _foreign_recipe(
+    ckpt: Path, model: str | None, data: Path | None, state: dict[str, Any], overrides: list[str] | None = None
+) -> Recipe:
     """A recipe for official DeiT / timm weights: ``--model`` and ``--data``."""
     if not model or not data:
         raise UserError(f"{ckpt}: not a deitctl checkpoint (no recipe inside); pass --model NAME and --data ROOT")
@@ -41,12 +45,18 @@ def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dic
 
     if not timm.is_model(model):
         raise UserError(f"--model: unknown timm model {model!r}")
-    size = timm.get_pretrained_cfg(model).to_dict().get("input_size", (3, 224, 224))[-1] if timm.get_pretrained_cfg(model) else 224
+    cfg = timm.get_pretrained_cfg(model)
+    size = cfg.to_dict().get("input_size", (3, 224, 224))[-1] if cfg is not None else 224
     head = state.get("head.weight", state.get("fc.weight"))
     raw = {
         "student": {"plugin": "deit" if model.startswith("deit") else "timm", "model": model},
-        "data": {"root": str(data), "img_size": int(size), "batch_size": 64, "num_workers": 4,
-                 "num_classes": int(head.shape[0]) if head is not None else 0},
+        "data": {
+            "root": str(data),
+            "img_size": int(size),
+            "batch_size": 64,
+            "num_workers": 4,
+            "num_classes": int(head.shape[0]) if head is not None else 0,
+        },
         "ema": {"enabled": False},
     }
     apply_overrides(raw, overrides or [])
@@ -55,8 +65,15 @@ def _foreign_recipe(ckpt: Path, model: str | None, data: Path | None, state: dic
     return recipe
 
 
-def load_student(ckpt_path: Path, *, model: str | None = None, data: Path | None = None, ema: bool = False,
-                 overrides: list[str] | None = None, warn: Callable[[str], None] | None = None):
+def load_student(
+    ckpt_path: Path,
+    *,
+    model: str | None = None,
+    data: Path | None = None,
+    ema: bool = False,
+    overrides: list[str] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Recipe, nn.Module, list[str], Stats, Stats]:
     """(recipe, student with weights, classes, mean, std) from a checkpoint."""
     ckpt = load_file(ckpt_path)
     ours = isinstance(ckpt, dict) and isinstance(ckpt.get("recipe"), str)
@@ -71,8 +88,11 @@ def load_student(ckpt_path: Path, *, model: str | None = None, data: Path | None
         state = extract_state_dict(ckpt[key], ckpt_path)
         classes = list(ckpt.get("classes") or [])
     else:
-        state = extract_state_dict(ckpt, ckpt_path, prefer=("model_ema", "model", "state_dict") if ema else
-                                   ("model", "state_dict", "model_ema"))
+        state = extract_state_dict(
+            ckpt,
+            ckpt_path,
+            prefer=("model_ema", "model", "state_dict") if ema else ("model", "state_dict", "model_ema"),
+        )
         recipe = _foreign_recipe(ckpt_path, model, data, state, overrides)
         classes = []
     if data is not None:
@@ -92,17 +112,28 @@ def load_student(ckpt_path: Path, *, model: str | None = None, data: Path | None
     return recipe, student.eval(), classes, mean, std
 
 
-def evaluate_checkpoint(ckpt: Path, *, data: Path | None = None, model: str | None = None, split: str | None = None,
-                        ema: bool = False, overrides: list[str] | None = None,
-                        warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    recipe, student, classes, mean, std = load_student(ckpt, model=model, data=data, ema=ema, overrides=overrides,
-                                                       warn=warn)
+def evaluate_checkpoint(
+    ckpt: Path,
+    *,
+    data: Path | None = None,
+    model: str | None = None,
+    split: str | None = None,
+    ema: bool = False,
+    overrides: list[str] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    recipe, student, classes, mean, std = load_student(
+        ckpt, model=model, data=data, ema=ema, overrides=overrides, warn=warn
+    )
     split = split or recipe.data.val_split
     aug = build_augmentation(recipe, mean, std, len(classes))
     dataset = build_dataset(recipe, split, aug.eval_transform, num_classes=len(classes))
     if classes and not classes[0].isdigit() and (unknown := align_classes(dataset, classes)):
-        raise RecipeError(f"split {split!r} has classes the checkpoint does not know: {', '.join(unknown[:10])}",
-                          source=str(data or recipe.data.root), key="data.root")
+        raise RecipeError(
+            f"split {split!r} has classes the checkpoint does not know: {', '.join(unknown[:10])}",
+            source=str(data or recipe.data.root),
+            key="data.root",
+        )
     dataset = per_class_subset(dataset, recipe.data.val_per_class)
     device = resolve_device(recipe)
     configure_process(recipe.run.threads, recipe.run.retain_host_memory)
@@ -110,23 +141,37 @@ def evaluate_checkpoint(ckpt: Path, *, data: Path | None = None, model: str | No
     t = recipe.teacher
     if t is not None and (not t.checkpoint or Path(t.checkpoint).is_file()):
         teacher = build_teacher(recipe, len(classes), mean, std).to(device)
-    loader = make_loader(dataset, batch_size=recipe.data.batch_size, train=False, seed=recipe.run.seed,
-                         num_workers=min(recipe.data.num_workers, 4), pin_memory=device.type == "cuda", device=device)
+    loader = make_loader(
+        dataset,
+        batch_size=recipe.data.batch_size,
+        train=False,
+        seed=recipe.run.seed,
+        num_workers=min(recipe.data.num_workers, 4),
+        pin_memory=device.type == "cuda",
+        device=device,
+    )
     precision = resolve_precision(device, recipe.run.precision)
     attention = resolve_attention(device, precision, recipe.run.attention)
-    for model in (student, teacher):
-        if model is not None:
-            set_attention(model, attention)
-    metrics = evaluate(student.to(device), loader, num_classes=len(classes), device=device,
-                       autocast=autocast_factory(device, precision), teacher=teacher)
+    for module in (student, teacher):
+        if module is not None:
+            set_attention(module, attention)
+    metrics: dict[str, Any] = evaluate(
+        student.to(device),
+        loader,
+        num_classes=len(classes),
+        device=device,
+        autocast=autocast_factory(device, precision),
+        teacher=teacher,
+    )
     metrics["split"] = split
     if has_dist_token(student):
         metrics["acc1_fused"] = metrics["acc1"]
     return metrics
 
 
-def predict_images(ckpt: Path, images: list[Path], *, top_k: int = 5,
-                   warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def predict_images(
+    ckpt: Path, images: list[Path], *, top_k: int = 5, warn: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
     from PIL import Image, UnidentifiedImageError
 
     recipe, student, classes, mean, std = load_student(ckpt, warn=warn)
@@ -143,6 +188,9 @@ def predict_images(ckpt: Path, images: list[Path], *, top_k: int = 5,
     k = min(top_k, len(classes))
     values, indices = probs.topk(k, dim=1)
     return [
-        {"image": str(path), "top": [{"class": classes[i], "probability": float(v)} for v, i in zip(vs.tolist(), ix.tolist())]}
+        {
+            "image": str(path),
+            "top": [{"class": classes[i], "probability": float(v)} for v, i in zip(vs.tolist(), ix.tolist())],
+        }
         for path, vs, ix in zip(images, values, indices)
     ]

@@ -40,21 +40,27 @@ def make_optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.O
     for extra in tries:
         last = extra is tries[-1]
         try:
-            return create_optimizer_v2(model, opt=o.name, lr=lr, weight_decay=o.weight_decay, **kwargs, **extra)
+            return create_optimizer_v2(model, opt=o.name, lr=lr, weight_decay=o.weight_decay, **kwargs, **extra)  # type: ignore[arg-type]
         except TypeError as exc:  # this optimizer has no such implementation flag
             if last and auto:
-                raise RecipeError(f"timm cannot make optimizer {o.name!r}: {exc}", source=recipe.source,
-                                  key="optimizer.name") from exc
+                raise RecipeError(
+                    f"timm cannot make optimizer {o.name!r}: {exc}", source=recipe.source, key="optimizer.name"
+                ) from exc
             if last:
-                raise RecipeError(f"optimizer {o.name!r} has no {o.implementation!r} implementation ({exc}); "
-                                  'use "auto"', source=recipe.source, key="optimizer.implementation") from exc
+                raise RecipeError(
+                    f'optimizer {o.name!r} has no {o.implementation!r} implementation ({exc}); use "auto"',
+                    source=recipe.source,
+                    key="optimizer.implementation",
+                ) from exc
         except RuntimeError as exc:  # e.g. fused on a device that torch has no fused kernel for
             if not auto or last:
-                raise RecipeError(f"optimizer {o.name!r}: {exc}", source=recipe.source,
-                                  key="optimizer.implementation") from exc
+                raise RecipeError(
+                    f"optimizer {o.name!r}: {exc}", source=recipe.source, key="optimizer.implementation"
+                ) from exc
         except (ValueError, AssertionError, KeyError) as exc:
-            raise RecipeError(f"timm cannot make optimizer {o.name!r}: {exc}", source=recipe.source,
-                              key="optimizer.name") from exc
+            raise RecipeError(
+                f"timm cannot make optimizer {o.name!r}: {exc}", source=recipe.source, key="optimizer.name"
+            ) from exc
     raise AssertionError("unreachable")
 
 
@@ -83,7 +89,7 @@ def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, updates_per
         cooldown_epochs=s.cooldown_epochs,
         min_lr=s.min_lr,
         warmup_lr=s.warmup_lr,
-        warmup_epochs=s.warmup_epochs,
+        warmup_epochs=s.warmup_epochs,  # type: ignore[arg-type]  # timm takes fractional epochs
         step_on_epochs=s.interval in ("epoch", "official"),
         updates_per_epoch=updates_per_epoch,
     )[0]

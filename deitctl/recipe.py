@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
@@ -91,7 +90,7 @@ def _check(value: Any, tp: Any, key: str, source: str) -> Any:
         return [_check(v, item, key, source) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+    if (tp in (int, float) and isinstance(value, bool)) or not isinstance(value, tp):
         raise RecipeError(f"expected {_type_name(tp)}, got {value!r}", source=source, key=key)
     return value
 
@@ -159,7 +158,7 @@ def _check_combinations(recipe: Recipe) -> None:
     if recipe.distillation.strategy != "none" and recipe.teacher is None:
         raise RecipeError(
             f"strategy {recipe.distillation.strategy!r} needs a teacher: add a [teacher] section "
-            "or set strategy = \"none\"",
+            'or set strategy = "none"',
             source=src,
             key="distillation.strategy",
         )
@@ -168,7 +167,9 @@ def _check_combinations(recipe: Recipe) -> None:
         for key in ("mean", "std"):
             value = getattr(t, key)
             if value and len(value) != 3:
-                raise RecipeError(f"expected 3 values (one per channel), got {value!r}", source=src, key=f"teacher.{key}")
+                raise RecipeError(
+                    f"expected 3 values (one per channel), got {value!r}", source=src, key=f"teacher.{key}"
+                )
         if any(s <= 0 for s in t.std):
             raise RecipeError(f"every std must be positive, got {t.std!r}", source=src, key="teacher.std")
         if t.recipe and not t.checkpoint:
@@ -178,7 +179,9 @@ def _check_combinations(recipe: Recipe) -> None:
                 key="teacher.checkpoint",
             )
         if recipe.distillation.strategy == "none":
-            recipe.warnings.append("[teacher] is set but distillation.strategy is \"none\": the teacher is not used in training")
+            recipe.warnings.append(
+                '[teacher] is set but distillation.strategy is "none": the teacher is not used in training'
+            )
     o = recipe.optimizer
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise RecipeError(f"expected two numbers in [0, 1), got {o.betas!r}", source=src, key="optimizer.betas")
@@ -268,9 +271,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, plugins
     return recipe_from_text(text, source, overrides, plugins=plugins)
 
 
-def recipe_from_text(
-    text: str, source: str, overrides: list[str] | None = None, *, plugins: bool = True
-) -> Recipe:
+def recipe_from_text(text: str, source: str, overrides: list[str] | None = None, *, plugins: bool = True) -> Recipe:
     raw = parse_toml(text, source)
     apply_overrides(raw, overrides or [])
     recipe = recipe_from_dict(raw, source)

@@ -13,10 +13,11 @@ import difflib
 import importlib
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -41,11 +42,7 @@ class Plugin:
     def options(self) -> tuple[dict[str, inspect.Parameter], bool]:
         """The factory's keyword options and whether it takes ``**options``."""
         params = inspect.signature(self.factory).parameters.values()
-        named = {
-            p.name: p
-            for p in params
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        }
+        named = {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
         return named, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
@@ -61,9 +58,7 @@ class LoadFailure:
 class Registry:
     """Every registered plugin, by kind and name."""
 
-    plugins: dict[str, dict[str, Plugin]] = field(
-        default_factory=lambda: {k.name: {} for k in KINDS}
-    )
+    plugins: dict[str, dict[str, Plugin]] = field(default_factory=lambda: {k.name: {} for k in KINDS})
     failures: list[LoadFailure] = field(default_factory=list)
 
     def add(self, plugin: Plugin) -> None:
@@ -154,11 +149,14 @@ def build_registry() -> Registry:
         if hook_name not in known and getattr(caller, "spec", None) is None:
             for impl in caller.get_hookimpls():
                 hint = difflib.get_close_matches(hook_name, known, n=1)
-                registry.failures.append(LoadFailure(
-                    providers.get(impl.plugin_name, impl.plugin_name),
-                    f"unknown hook {hook_name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                    + f"; deitctl's hooks: {', '.join(known)}",
-                ))
+                registry.failures.append(
+                    LoadFailure(
+                        providers.get(impl.plugin_name, impl.plugin_name),
+                        f"unknown hook {hook_name!r}"
+                        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                        + f"; deitctl's hooks: {', '.join(known)}",
+                    )
+                )
     for k in KINDS:
         for impl in getattr(pm.hook, k.hook).get_hookimpls():
             provider = providers.get(impl.plugin_name, impl.plugin_name)

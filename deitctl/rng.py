@@ -18,10 +18,10 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict[str, Any]:
     """Every RNG, as tensors and plain data (loadable with ``weights_only=True``)."""
     version, state, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # type: ignore[misc]
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     out: dict[str, Any] = {
         "python": [version, list(state), gauss],
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), np_pos, np_has_gauss, np_gauss],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():

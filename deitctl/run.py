@@ -3,8 +3,8 @@ then the run itself, in its run directory."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from deitctl.distributed import World, barrier
 from deitctl.errors import RecipeError

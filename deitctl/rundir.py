@@ -86,8 +86,11 @@ class RunDir:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise RecipeError(f"cannot write to output directory {str(out)!r}: {exc.strerror or exc}",
-                              source=recipe.source, key="run.output_dir") from exc
+            raise RecipeError(
+                f"cannot write to output directory {str(out)!r}: {exc.strerror or exc}",
+                source=recipe.source,
+                key="run.output_dir",
+            ) from exc
         return RunDir(out)
 
     def last_checkpoint(self) -> dict[str, Any]:
@@ -95,7 +98,8 @@ class RunDir:
         last = self / LAST
         if not last.exists():
             raise UserError(f"{last}: nothing to resume (no last.pt in the output directory)")
-        return load_file(last)  # type: ignore[no-any-return]
+        ckpt: dict[str, Any] = load_file(last)
+        return ckpt
 
     def begin(self, recipe: Recipe, *, resume_epoch: int | None) -> None:
         """Start or continue the run: keep the metrics of finished epochs (none for a fresh
@@ -106,8 +110,11 @@ class RunDir:
         if resume_epoch is None:
             metrics.unlink(missing_ok=True)
         elif metrics.exists():
-            keep = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("epoch", 0) <= resume_epoch]
+            keep = [
+                line
+                for line in metrics.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("epoch", 0) <= resume_epoch
+            ]
             metrics.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
         for stale in self.path.glob(".*.pt.*.tmp"):
             stale.unlink(missing_ok=True)

@@ -9,8 +9,9 @@ import functools
 import os
 import platform
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -25,8 +26,9 @@ def resolve_device(recipe: Recipe) -> torch.device:
     """``run.device``; under torchrun a CUDA process takes the GPU of its ``LOCAL_RANK``."""
     spec = recipe.run.device
     if spec == "cuda" and not torch.cuda.is_available():
-        raise RecipeError('no CUDA device is available here (use "auto" or "cpu")', source=recipe.source,
-                          key="run.device")
+        raise RecipeError(
+            'no CUDA device is available here (use "auto" or "cpu")', source=recipe.source, key="run.device"
+        )
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cuda" and "LOCAL_RANK" in os.environ:
@@ -34,7 +36,7 @@ def resolve_device(recipe: Recipe) -> torch.device:
     return torch.device(spec)
 
 
-def autocast_factory(device: torch.device, precision: str) -> Callable[[], ContextManager[object]]:
+def autocast_factory(device: torch.device, precision: str) -> Callable[[], AbstractContextManager[object]]:
     """A context factory: autocast to the precision's dtype, or nothing for fp32."""
     dtype = AUTOCAST_DTYPES[precision]
     if dtype is None:
@@ -42,7 +44,7 @@ def autocast_factory(device: torch.device, precision: str) -> Callable[[], Conte
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 natively (AVX-512 BF16 or AMX); Linux only."""
     try:
@@ -83,7 +85,7 @@ def set_attention(model: nn.Module, attention: str) -> int:
     count = 0
     for module in model.modules():
         if isinstance(getattr(module, "fused_attn", None), bool):
-            module.fused_attn = attention == "fused"
+            setattr(module, "fused_attn", attention == "fused")  # noqa: B010 (an attribute of timm's blocks)
             count += 1
     return count
 
@@ -109,7 +111,7 @@ def set_threads(threads: int) -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def retain_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse; True when it took effect.
 

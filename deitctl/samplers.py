@@ -4,7 +4,7 @@ sample's augmentation seed from (run seed, epoch, global position)."""
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -19,7 +19,12 @@ class _EpochSampler(Sampler[int]):
 
     def __init__(self, size: int, *, seed: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True):
         self.size, self.seed, self.num_replicas, self.rank, self.shuffle, self.epoch = (
-            size, seed, num_replicas, rank, shuffle, 0,
+            size,
+            seed,
+            num_replicas,
+            rank,
+            shuffle,
+            0,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -40,7 +45,9 @@ class RepeatedAugSampler(_EpochSampler):
     """The official DeiT RASampler (with a seed): each image ``repeats`` times per
     epoch, spread over the processes, epoch length of one pass over the data."""
 
-    def __init__(self, size: int, *, repeats: int, seed: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True):
+    def __init__(
+        self, size: int, *, repeats: int, seed: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True
+    ):
         super().__init__(size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=shuffle)
         self.repeats = repeats
         self.num_samples = math.ceil(size * repeats / num_replicas)
@@ -62,8 +69,9 @@ class ShuffleSampler(_EpochSampler):
     shares; evaluation (``pad=False``) gives each image to exactly one process,
     so totals are exact."""
 
-    def __init__(self, size: int, *, seed: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 pad: bool = True):
+    def __init__(
+        self, size: int, *, seed: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, pad: bool = True
+    ):
         super().__init__(size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=shuffle)
         self.pad = pad
         self.num_samples = math.ceil(size / num_replicas) if pad else len(range(rank, size, num_replicas))

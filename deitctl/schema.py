@@ -24,20 +24,34 @@ class RunSection:
     epochs: int = _f(300, "training epochs", min=1)
     seed: int = _f(0, "random seed", min=0)
     device: str = _f("auto", "device", choices=("auto", "cpu", "cuda"))
-    precision: str = _f("fp32", "autocast precision (auto: bf16 where the hardware has it, else fp16 on CUDA, fp32 on CPU)",
-                        choices=("fp32", "bf16", "fp16", "auto"))
+    precision: str = _f(
+        "fp32",
+        "autocast precision (auto: bf16 where the hardware has it, else fp16 on CUDA, fp32 on CPU)",
+        choices=("fp32", "bf16", "fp16", "auto"),
+    )
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)", min=1)
     compile: bool = _f(False, "torch.compile the student and the teacher")
     channels_last: bool = _f(False, "channels_last memory format for the teacher")
-    attention: str = _f("auto", "attention kernel: fused (scaled_dot_product_attention) or math (explicit matmuls); "
-                        "auto: math for bf16/fp16 on CPU, fused otherwise", choices=("auto", "fused", "math"))
-    gelu_backward: str = _f("auto", "GELU's backward: saved (the compiled forward also stores GELU's derivative, so "
-                            "the backward is one multiply; needs compile) or recompute (PyTorch's: erf and exp again "
-                            "from the saved input); auto: saved when compiling on CPU", choices=("auto", "saved", "recompute"))
+    attention: str = _f(
+        "auto",
+        "attention kernel: fused (scaled_dot_product_attention) or math (explicit matmuls); "
+        "auto: math for bf16/fp16 on CPU, fused otherwise",
+        choices=("auto", "fused", "math"),
+    )
+    gelu_backward: str = _f(
+        "auto",
+        "GELU's backward: saved (the compiled forward also stores GELU's derivative, so "
+        "the backward is one multiply; needs compile) or recompute (PyTorch's: erf and exp again "
+        "from the saved input); auto: saved when compiling on CPU",
+        choices=("auto", "saved", "recompute"),
+    )
     threads: int = _f(0, "torch intra-op threads per process (0: torch's default)", min=0)
-    retain_host_memory: bool = _f(True, "keep freed host memory in the process for reuse (glibc malloc), so a CPU "
-                                  "step does not page-fault its buffers in again every step; false: the C "
-                                  "library's defaults")
+    retain_host_memory: bool = _f(
+        True,
+        "keep freed host memory in the process for reuse (glibc malloc), so a CPU "
+        "step does not page-fault its buffers in again every step; false: the C "
+        "library's defaults",
+    )
     progress: str = _f("auto", "progress output", choices=("auto", "rich", "plain", "none"))
 
 
@@ -56,10 +70,15 @@ class DataSection:
     val_per_class: int = _f(0, "use at most N validation images of each class (0: all)", min=0)
     pin_memory: bool = _f(True, "pin host memory (CUDA)")
     bad_images: str = _f("error", "on unreadable images: stop, or skip them", choices=("error", "skip"))
-    worker_nice: int = _f(0, "raise the loader workers' niceness by N (Unix): on a CPU shared with the "
-                          "training step, the step's threads run first", min=0)
-    cache_mb: int = _f(2048, "decode each split's images once into RAM when their pixels take at most N MiB "
-                         "(0: never)", min=0)
+    worker_nice: int = _f(
+        0,
+        "raise the loader workers' niceness by N (Unix): on a CPU shared with the "
+        "training step, the step's threads run first",
+        min=0,
+    )
+    cache_mb: int = _f(
+        2048, "decode each split's images once into RAM when their pixels take at most N MiB (0: never)", min=0
+    )
     options: dict = field(default_factory=dict)
 
 
@@ -105,8 +124,11 @@ class OptimizerSection:
     betas: list[float] = _f([0.9, 0.999], "betas (adam family)")
     clip_grad: float = _f(0.0, "clip the gradient norm to this (0: off)", min=0)
     accumulate: int = _f(1, "gradient accumulation steps", min=1)
-    implementation: str = _f("auto", "fused, foreach or loop (torch optimizers); auto: fused where the optimizer has it",
-                             choices=("auto", "fused", "foreach", "loop"))
+    implementation: str = _f(
+        "auto",
+        "fused, foreach or loop (torch optimizers); auto: fused where the optimizer has it",
+        choices=("auto", "fused", "foreach", "loop"),
+    )
 
 
 @dataclass
@@ -119,9 +141,13 @@ class ScheduleSection:
     decay_rate: float = _f(0.1, "step: decay factor", min=0)
     decay_milestones: list[int] = _f([90, 180, 270], "multistep: epochs of the decays")
     cooldown_epochs: int = _f(0, "epochs at min_lr after the schedule", min=0)
-    interval: str = _f("update", "update the lr every optimizer update, or every epoch (epoch e at sched(e)); "
-                       "official: every epoch as the official main.py (epoch e at sched(e-1), the first two "
-                       "at warmup_lr)", choices=("update", "epoch", "official"))
+    interval: str = _f(
+        "update",
+        "update the lr every optimizer update, or every epoch (epoch e at sched(e)); "
+        "official: every epoch as the official main.py (epoch e at sched(e-1), the first two "
+        "at warmup_lr)",
+        choices=("update", "epoch", "official"),
+    )
 
 
 @dataclass

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import tomllib
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from deitctl.errors import RecipeError
 

@@ -123,8 +123,11 @@ class Trainer:
         self.mixup = p.augmentation.batch_transform
         smoothing = p.augmentation.smoothing
         self.base_criterion: nn.Module = (
-            SoftTargetCrossEntropy() if self.mixup is not None
-            else LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss()
+            SoftTargetCrossEntropy()
+            if self.mixup is not None
+            else LabelSmoothingCrossEntropy(smoothing)
+            if smoothing > 0
+            else nn.CrossEntropyLoss()
         )
         self.uses_teacher = self.teacher_forward is not None and getattr(p.strategy, "uses_teacher", True)
         self.lr = scaled_lr(self.recipe, self.world_size)
@@ -357,7 +360,7 @@ class Trainer:
                     f"the loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopped. "
                     f"The last good checkpoint is kept in {self.run_dir / 'last.pt'}"
                 )
-            self.scaler.scale(loss / self.accumulate).backward()  # type: ignore[union-attr]
+            self.scaler.scale(loss / self.accumulate).backward()
         if update:
             self._update()
         return loss_value
@@ -402,8 +405,12 @@ class Trainer:
     def evaluate(self, *, with_teacher: bool = False) -> dict[str, Any]:
         loader = self.parts.val_loader
         self.reporter.eval_start(len(loader))
-        common: dict[str, Any] = dict(num_classes=self.parts.num_classes, device=self.device,
-                                      autocast=self.autocast, on_batch=self.reporter.eval_step)
+        common: dict[str, Any] = dict(
+            num_classes=self.parts.num_classes,
+            device=self.device,
+            autocast=self.autocast,
+            on_batch=self.reporter.eval_step,
+        )
         teacher = self._eval_teacher() if with_teacher else None
         metrics = evaluate(self.student, loader, teacher=teacher, channels_last=self.recipe.run.channels_last, **common)
         if self.ema is not None:

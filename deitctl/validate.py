@@ -46,8 +46,12 @@ def validate(recipe: Recipe) -> list[str]:
     val = _split(recipe, recipe.data.val_split, notes)
     classes = class_list(recipe, train)
     if val is not None and train is not None and (unknown := align_classes(val, classes)):
-        raise RecipeError(f"the {recipe.data.val_split!r} split has classes that {recipe.data.train_split!r} "
-                          f"has not: {', '.join(unknown[:10])}", source=recipe.source, key="data.val_split")
+        raise RecipeError(
+            f"the {recipe.data.val_split!r} split has classes that {recipe.data.train_split!r} "
+            f"has not: {', '.join(unknown[:10])}",
+            source=recipe.source,
+            key="data.val_split",
+        )
     strategy = build_strategy(recipe)
     with torch.device("meta"):
         student = build_student(recipe, len(classes))
@@ -63,7 +67,9 @@ def validate(recipe: Recipe) -> list[str]:
         if t.recipe and recipe.uses_teacher:
             if not Path(t.recipe).is_file():
                 raise RecipeError(f"no such teacher recipe {t.recipe!r}", source=recipe.source, key="teacher.recipe")
-            notes.append(f"teacher: {t.checkpoint} does not exist yet; `deitctl train` will train it first with {t.recipe}")
+            notes.append(
+                f"teacher: {t.checkpoint} does not exist yet; `deitctl train` will train it first with {t.recipe}"
+            )
         else:
             notes.append(f"teacher: checkpoint {t.checkpoint} does not exist here (needed to train)")
     return notes

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import deitctl
+from deitctl.api import Register
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+Transform = Callable[[Any], Any]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -12,12 +22,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 MAX_SIDE = 4096  # larger images are reduced to this on load (JPEG: decoded at reduced scale)
 
 
-def _rgb_loader(path: str):
+def _rgb_loader(path: str) -> Image.Image:
     """Any PIL image as RGB: grayscale, RGBA, CMYK, palette; very large ones reduced."""
     from PIL import Image
 
     with open(path, "rb") as f:
-        img = Image.open(f)
+        img: Image.Image = Image.open(f)
         if max(img.size) > MAX_SIDE:
             img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
         img.load()
@@ -32,7 +42,7 @@ def _rgb_loader(path: str):
     return img.convert("RGB")
 
 
-def imagefolder(*, root: str, split: str, transform=None):
+def imagefolder(*, root: str, split: str, transform: Transform | None = None) -> ImageFolder:
     """``root/<split>/<class>/<image>``; class names come from the folders."""
     from torchvision.datasets import ImageFolder
 
@@ -62,14 +72,16 @@ class SyntheticImages:
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         import torch
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         return torch.randn(3, self.img_size, self.img_size, generator=g), self.targets[index]
 
 
-def synthetic(*, split: str, img_size: int, num_classes: int, length: int = 1024, transform=None):
+def synthetic(
+    *, split: str, img_size: int, num_classes: int, length: int = 1024, transform: Transform | None = None
+) -> SyntheticImages:
     """Random tensors of the recipe's shape and class count (transforms are not applied)."""
     if length <= 0:
         raise ValueError(f"length must be positive, got {length}")
@@ -77,6 +89,6 @@ def synthetic(*, split: str, img_size: int, num_classes: int, length: int = 1024
 
 
 @deitctl.hookimpl
-def register_datasets(register):
+def register_datasets(register: Register) -> None:
     register("imagefolder", imagefolder, help="root/<split>/<class>/<image> (ImageNet layout)")
     register("synthetic", synthetic, help="random tensors of the recipe's shape (benchmarks, smoke tests)")

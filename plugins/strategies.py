@@ -6,17 +6,22 @@ hard, and the distillation token's head learning from the teacher.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import deitctl
-from deitctl.api import Strategy
+from deitctl.api import Criterion, Outputs, Register, Strategy
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 KL_REDUCTIONS = ("batchmean", "official")
 
 
-def _class_head(outputs):
+def _class_head(outputs: Outputs) -> Tensor:
     return outputs[0] if isinstance(outputs, tuple) else outputs
 
 
-def _soft_kl(student, teacher, tau: float, reduction: str):
+def _soft_kl(student: Tensor, teacher: Tensor, tau: float, reduction: str) -> Tensor:
     """τ²·KL(teacher/τ ‖ student/τ), per image ("batchmean", the paper) or per
     logit ("official": the official code divides by batch × classes)."""
     import torch.nn.functional as F
@@ -31,11 +36,17 @@ def _soft_kl(student, teacher, tau: float, reduction: str):
     return kl * (tau * tau) / denominator
 
 
-def _hard_ce(student, teacher):
+def _hard_ce(student: Tensor, teacher: Tensor) -> Tensor:
     """CE against the teacher's argmax, without label smoothing."""
     import torch.nn.functional as F
 
     return F.cross_entropy(student, teacher.argmax(dim=1))
+
+
+def _needs(teacher_logits: Tensor | None) -> Tensor:
+    if teacher_logits is None:
+        raise TypeError("this strategy needs the teacher's logits")
+    return teacher_logits
 
 
 def _check(alpha: float, tau: float, kl_reduction: str) -> None:
@@ -50,43 +61,51 @@ def _check(alpha: float, tau: float, kl_reduction: str) -> None:
 class NoDistillation(Strategy):
     uses_teacher = False
 
-    def __call__(self, outputs, targets, teacher_logits, base_criterion):
+    def __call__(
+        self, outputs: Outputs, targets: Tensor, teacher_logits: Tensor | None, base_criterion: Criterion
+    ) -> Tensor:
         return base_criterion(_class_head(outputs), targets)
 
 
 class SoftDistillation(Strategy):
-    def __init__(self, alpha: float, tau: float, kl_reduction: str):
+    def __init__(self, alpha: float, tau: float, kl_reduction: str) -> None:
         self.alpha, self.tau, self.kl_reduction = alpha, tau, kl_reduction
 
-    def __call__(self, outputs, targets, teacher_logits, base_criterion):
+    def __call__(
+        self, outputs: Outputs, targets: Tensor, teacher_logits: Tensor | None, base_criterion: Criterion
+    ) -> Tensor:
         s = _class_head(outputs)
-        kd = _soft_kl(s, teacher_logits, self.tau, self.kl_reduction)
+        kd = _soft_kl(s, _needs(teacher_logits), self.tau, self.kl_reduction)
         return (1 - self.alpha) * base_criterion(s, targets) + self.alpha * kd
 
 
 class HardDistillation(Strategy):
-    def __init__(self, alpha: float):
+    def __init__(self, alpha: float) -> None:
         self.alpha = alpha
 
-    def __call__(self, outputs, targets, teacher_logits, base_criterion):
+    def __call__(
+        self, outputs: Outputs, targets: Tensor, teacher_logits: Tensor | None, base_criterion: Criterion
+    ) -> Tensor:
         s = _class_head(outputs)
-        return (1 - self.alpha) * base_criterion(s, targets) + self.alpha * _hard_ce(s, teacher_logits)
+        return (1 - self.alpha) * base_criterion(s, targets) + self.alpha * _hard_ce(s, _needs(teacher_logits))
 
 
 class TokenDistillation(Strategy):
     uses_dist_token = True
 
-    def __init__(self, target: str, alpha: float, tau: float, kl_reduction: str):
+    def __init__(self, target: str, alpha: float, tau: float, kl_reduction: str) -> None:
         self.target, self.alpha, self.tau, self.kl_reduction = target, alpha, tau, kl_reduction
 
-    def __call__(self, outputs, targets, teacher_logits, base_criterion):
+    def __call__(
+        self, outputs: Outputs, targets: Tensor, teacher_logits: Tensor | None, base_criterion: Criterion
+    ) -> Tensor:
         if not isinstance(outputs, tuple):
             raise TypeError("the token strategy needs (class, distillation) outputs from the student")
         cls, dist = outputs
         if self.target == "hard":
-            kd = _hard_ce(dist, teacher_logits)
+            kd = _hard_ce(dist, _needs(teacher_logits))
         else:
-            kd = _soft_kl(dist, teacher_logits, self.tau, self.kl_reduction)
+            kd = _soft_kl(dist, _needs(teacher_logits), self.tau, self.kl_reduction)
         return (1 - self.alpha) * base_criterion(cls, targets) + self.alpha * kd
 
 
@@ -116,7 +135,7 @@ def token(*, target: str = "hard", alpha: float = 0.5, tau: float = 3.0, kl_redu
 
 
 @deitctl.hookimpl
-def register_strategies(register):
+def register_strategies(register: Register) -> None:
     register("none", none, help="no distillation: cross-entropy on the labels")
     register("soft", soft, help="soft distillation on the class head (paper eq. 2: α=0.1, τ=3)")
     register("hard", hard, help="hard-label distillation on the class head (paper eq. 3)")

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import deitctl
+from deitctl.api import Register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def deit(
@@ -13,14 +19,14 @@ def deit(
     pretrained: bool = False,
     drop_path: float = 0.1,
     drop: float = 0.0,
-    **options,
-):
+    **options: Any,
+) -> nn.Module:
     """A DeiT from timm (plain or distilled); extra keys such as ``patch_size``,
     ``depth``, ``embed_dim`` or ``num_heads`` go to ``timm.create_model``."""
     import timm
 
     if not model.startswith("deit"):
-        raise ValueError(f"{model!r} is not a DeiT model; use plugin = \"timm\" for other timm models")
+        raise ValueError(f'{model!r} is not a DeiT model; use plugin = "timm" for other timm models')
     return timm.create_model(
         model,
         pretrained=pretrained,
@@ -33,8 +39,8 @@ def deit(
 
 
 def timm_student(
-    *, num_classes: int, model: str, pretrained: bool = False, drop_path: float = 0.0, drop: float = 0.0, **options
-):
+    *, num_classes: int, model: str, pretrained: bool = False, drop_path: float = 0.0, drop: float = 0.0, **options: Any
+) -> nn.Module:
     """Any timm model (for the none, soft and hard strategies); extra keys go to ``timm.create_model``."""
     import timm
 
@@ -44,6 +50,6 @@ def timm_student(
 
 
 @deitctl.hookimpl
-def register_students(register):
+def register_students(register: Register) -> None:
     register("deit", deit, help="DeiT from timm, plain or with a distillation token")
     register("timm", timm_student, help="any timm model (strategies none, soft, hard)")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import deitctl
+from deitctl.api import Register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
-def timm_teacher(*, num_classes: int, model: str = "regnety_160", pretrained: bool = False, **options):
+def timm_teacher(
+    *, num_classes: int, model: str = "regnety_160", pretrained: bool = False, **options: Any
+) -> nn.Module:
     """A timm model; ``pretrained = true`` downloads timm's weights, extra keys go
     to ``timm.create_model`` (deitctl loads ``checkpoint`` itself)."""
     import timm
@@ -14,5 +22,5 @@ def timm_teacher(*, num_classes: int, model: str = "regnety_160", pretrained: bo
 
 
 @deitctl.hookimpl
-def register_teachers(register):
+def register_teachers(register: Register) -> None:
     register("timm", timm_teacher, help="any timm model (the paper's: regnety_160)")

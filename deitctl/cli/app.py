@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -40,7 +41,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 SetOption = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a recipe key (dotted, TOML value).")
 RecipeArgument = typer.Argument(..., help="Recipe file (TOML).")
-Sets = Optional[List[str]]
+Sets = list[str] | None
 
 
 def _version(value: bool) -> None:
@@ -51,7 +52,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
     debug: bool = typer.Option(False, "--debug", help=f"Show the full traceback of an error (or set {DEBUG_ENV}=1)."),
 ) -> None:
     """Train and evaluate data-efficient image transformers (DeiT) with distillation from a teacher."""
@@ -102,7 +105,7 @@ def warn(messages: list[str]) -> None:
 def say(message: str) -> None:
     """A note or (``warning: ...``) a warning for the user, on stderr."""
     if message.startswith("warning: "):
-        warn([message[len("warning: "):]])
+        warn([message[len("warning: ") :]])
     else:
         err.print(message)
 

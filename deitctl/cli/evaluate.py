@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -16,9 +15,9 @@ from deitctl.cli.app import SetOption, Sets, app, handles_errors, out, warn
 @handles_errors
 def eval_cmd(
     ckpt: Path = typer.Option(..., "--ckpt", help="A deitctl checkpoint, or official DeiT/timm weights with --model."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset root (overrides the checkpoint's recipe)."),
-    model: Optional[str] = typer.Option(None, "--model", help="timm model name, for checkpoints that are not deitctl's."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default: the recipe's val_split)."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset root (overrides the checkpoint's recipe)."),
+    model: str | None = typer.Option(None, "--model", help="timm model name, for checkpoints that are not deitctl's."),
+    split: str | None = typer.Option(None, "--split", help="Split to evaluate (default: the recipe's val_split)."),
     ema: bool = typer.Option(False, "--ema", help="Evaluate the EMA weights."),
     sets: Sets = SetOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -26,8 +25,9 @@ def eval_cmd(
     """Evaluate a checkpoint: top-1, top-5, loss; each head of a distilled student; teacher agreement."""
     from deitctl.inference import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(ckpt, data=data, model=model, split=split, ema=ema, overrides=sets or [],
-                                  warn=lambda m: warn([m]))
+    metrics = evaluate_checkpoint(
+        ckpt, data=data, model=model, split=split, ema=ema, overrides=sets or [], warn=lambda m: warn([m])
+    )
     if as_json:
         print(json.dumps(metrics))
         return
@@ -43,7 +43,7 @@ def eval_cmd(
 @app.command()
 @handles_errors
 def predict(
-    images: List[Path] = typer.Argument(..., help="Image files."),
+    images: list[Path] = typer.Argument(..., help="Image files."),
     ckpt: Path = typer.Option(..., "--ckpt", help="A deitctl checkpoint."),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="How many classes to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),

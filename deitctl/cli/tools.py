@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
 
 import typer
 from rich.table import Table
@@ -33,8 +32,9 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON inste
     from deitctl.registry import get_registry
 
     registry = get_registry()
-    rows = [{"kind": kind(p.kind).singular, "name": p.name, "provider": p.provider, "help": p.help}
-            for p in registry.all()]
+    rows = [
+        {"kind": kind(p.kind).singular, "name": p.name, "provider": p.provider, "help": p.help} for p in registry.all()
+    ]
     if as_json:
         failures = [{"provider": f.provider, "error": f.error} for f in registry.failures]
         print(json.dumps({"plugins": rows, "failures": failures}, indent=2))
@@ -66,8 +66,10 @@ def recipe_validate(recipe: Path = RecipeArgument, sets: Sets = SetOption) -> No
     r = load(recipe, sets)
     warn(validate(r))
     teacher = f", teacher {r.teacher.options.get('model', r.teacher.plugin)}" if r.teacher else ""
-    out.print(f"ok {recipe}: {r.student.options.get('model', r.student.plugin)} student, "
-              f"strategy {r.distillation.strategy}{teacher}")
+    out.print(
+        f"ok {recipe}: {r.student.options.get('model', r.student.plugin)} student, "
+        f"strategy {r.distillation.strategy}{teacher}"
+    )
 
 
 @app.command()
@@ -94,7 +96,7 @@ def benchmark(
 @app.command()
 @handles_errors
 def compare(
-    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Output directories of `deitctl train`."),
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Output directories of `deitctl train`."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list (one object per run) instead of a table."),
 ) -> None:
     """Compare runs side by side: strategy, teacher, epochs, best and last top-1, top-5, teacher agreement, images/s."""

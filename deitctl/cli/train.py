@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -17,7 +16,7 @@ from deitctl.cli.app import RecipeArgument, SetOption, Sets, app, err, handles_e
 def train(
     recipe: Path = RecipeArgument,
     sets: Sets = SetOption,
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Override run.output_dir."),
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Override run.output_dir."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT_DIR/last.pt."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -47,15 +46,18 @@ def train(
     if not world.is_main:
         return
     final = result.last if "teacher_acc1" in result.last else None
-    rows = [("student", r.student.options.get("model", r.student.plugin), result.last.get("acc1"), result.best_acc1)]
+    rows: list[tuple[str, str, float | None, float | None]] = [
+        ("student", r.student.options.get("model", r.student.plugin), result.last.get("acc1"), result.best_acc1)
+    ]
     if final is not None and r.teacher is not None:
         rows.insert(0, ("teacher", r.teacher.options.get("model", r.teacher.plugin), final["teacher_acc1"], None))
     table = Table(title=f"{r.run.name}: results on {r.data.val_split} ({result.last.get('epoch', 0)} epochs)")
     for col in ("role", "model", "last top-1", "best top-1"):
         table.add_column(col)
     for role, model, last, best in rows:
-        table.add_row(role, str(model), f"{last:.2f}" if last is not None else "-",
-                      f"{best:.2f}" if best is not None else "-")
+        table.add_row(
+            role, str(model), f"{last:.2f}" if last is not None else "-", f"{best:.2f}" if best is not None else "-"
+        )
     out.print(table)
     if final is not None:
         out.print(f"student-teacher agreement: {final['teacher_agreement']:.2f}%")
