@@ -3,6 +3,7 @@ and a backward graph without erf or exp once compiled."""
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,12 @@ CPU = torch.device("cpu")
 
 
 def test_value_and_derivative_match_torch_over_the_whole_range():
-    x = torch.cat([torch.linspace(-12, 12, 200_001, dtype=torch.float64), torch.tensor([0.0, -0.0, 1e-30, -1e-30],
-                                                                                        dtype=torch.float64)])
+    x = torch.cat(
+        [
+            torch.linspace(-12, 12, 200_001, dtype=torch.float64),
+            torch.tensor([0.0, -0.0, 1e-30, -1e-30], dtype=torch.float64),
+        ]
+    )
     value, derivative = gelu_and_derivative(x)
     assert (value - F.gelu(x)).abs().max() < 2e-7 * x.abs().clamp(min=1).max()
     xr = x.clone().requires_grad_()
@@ -77,10 +82,15 @@ def _compiled_step(act: nn.Module, x: torch.Tensor):
         def compiler(gm, example_inputs):
             graphs[name] = gm
             return make_boxed_func(gm.forward)
+
         return compiler
 
-    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
-                           partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
+    backend = aot_autograd(
+        fw_compiler=keep("forward"),
+        bw_compiler=keep("backward"),
+        partition_fn=min_cut_rematerialization_partition,
+        decompositions=select_decomp_table(),
+    )
     torch._dynamo.reset()
     y = torch.compile(model, backend=backend)(x)
     y.square().sum().backward()
@@ -89,6 +99,7 @@ def _compiled_step(act: nn.Module, x: torch.Tensor):
     return y.detach(), grads, ops
 
 
+@pytest.mark.slow
 def test_compiled_backward_multiplies_by_the_saved_derivative():
     x = torch.randn(32, 16)
     y_ref, grads_ref, ops_ref = _compiled_step(nn.GELU(), x)
@@ -101,6 +112,7 @@ def test_compiled_backward_multiplies_by_the_saved_derivative():
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_inductor_compiled_bf16_values_are_nn_gelus_bit_for_bit():
     """With inductor's generated code (as run.compile uses it), in bf16 as autocast feeds it."""
     import platform

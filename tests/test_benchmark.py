@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from typer.testing import CliRunner
+from conftest import ROOT, SAMPLE, runner
 
 from deitctl.benchmark import KEYS
 from deitctl.cli import app
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "cifar10-sample"
-runner = CliRunner()
 
 TINY = [
     f"data.root={json.dumps(str(SAMPLE))}",
@@ -83,8 +78,12 @@ def test_cpu_peak_memory_is_measured_after_larger_earlier_work_in_the_process(tm
 
     if platform.system() != "Linux":
         pytest.skip("the peak mark is reset through /proc (Linux)")
-    args = _args(f"run.output_dir={json.dumps(str(tmp_path / 'unused'))}", "data.train_per_class=4",
-                 "data.batch_size=32", "student.embed_dim=64")
+    args = _args(
+        f"run.output_dir={json.dumps(str(tmp_path / 'unused'))}",
+        "data.train_per_class=4",
+        "data.batch_size=32",
+        "student.embed_dim=64",
+    )
     assert runner.invoke(app, args).exit_code == 0  # imports and first-call caches, out of the way
     retain_freed_memory()
     big = torch.ones(512 * 2**20 // 4)  # 512 MiB touched, then freed into the heap, which keeps it

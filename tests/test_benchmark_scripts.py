@@ -6,28 +6,40 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
+import tomllib
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # whole scripts in subprocesses
+
 TINY = ["--depth", "1", "--batch", "8"]
 
 
 def _script(name: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
 
 def test_step_vs_reference_runs_each_side_in_its_own_process(tmp_path):
     out = tmp_path / "result.json"
-    text = _script("step_vs_reference.py", *TINY, "--rounds", "2", "--steps", "1", "--warmup", "1",
-                   "--variants", "deitctl", "--json", str(out))
+    text = _script(
+        "step_vs_reference.py",
+        *TINY,
+        "--rounds",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--variants",
+        "deitctl",
+        "--json",
+        str(out),
+    )
     assert "isolation process" in text
     result = json.loads(out.read_text())
     rows = {row["variant"]: row for row in result["results"]}
@@ -40,8 +52,20 @@ def test_step_processes_alternates_recipe_variants(tmp_path):
     recipe = tmp_path / "model.toml"
     _script("step_vs_reference.py", *TINY, "--write-recipe", str(recipe))
     assert tomllib.loads(recipe.read_text())["data"]["batch_size"] == 8
-    text = _script("step_processes.py", str(recipe), "--rounds", "1", "--steps", "1", "--warmup", "0",
-                   "--variant", "", "--variant", "run.threads=1")
+    text = _script(
+        "step_processes.py",
+        str(recipe),
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--variant",
+        "",
+        "--variant",
+        "run.threads=1",
+    )
     lines = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("the recipe", "run."))}
     assert set(lines) == {"the", "run.threads=1"}, text
     assert float(lines["the"][3]) == 1.0 and float(lines["run.threads=1"][2]) > 0, text

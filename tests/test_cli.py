@@ -9,13 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import ROOT, runner
 
 import deitctl
 from deitctl.cli import app
-
-ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
 
 
 def test_version_and_help():
@@ -37,12 +34,26 @@ def test_plugins_json_lists_builtins_with_provider():
     assert result.exit_code == 0
     rows = json.loads(result.stdout)["plugins"]
     found = {(r["kind"], r["name"]) for r in rows}
-    expected = {("teacher", "timm"), ("student", "deit"), ("student", "timm"), ("augmentation", "deit"),
-                ("augmentation", "three_augment"), ("augmentation", "simple"), ("strategy", "none"),
-                ("strategy", "soft"), ("strategy", "hard"), ("strategy", "token"), ("dataset", "imagefolder"),
-                ("dataset", "synthetic")}
+    expected = {
+        ("teacher", "timm"),
+        ("student", "deit"),
+        ("student", "timm"),
+        ("augmentation", "deit"),
+        ("augmentation", "three_augment"),
+        ("augmentation", "simple"),
+        ("strategy", "none"),
+        ("strategy", "soft"),
+        ("strategy", "hard"),
+        ("strategy", "token"),
+        ("dataset", "imagefolder"),
+        ("dataset", "synthetic"),
+    }
     assert expected <= found
-    assert all(r["provider"] == f"deitctl {deitctl.__version__}" and r["help"] for r in rows if (r["kind"], r["name"]) in expected)
+    assert all(
+        r["provider"] == f"deitctl {deitctl.__version__}" and r["help"]
+        for r in rows
+        if (r["kind"], r["name"]) in expected
+    )
 
 
 def test_plugins_table():
@@ -82,7 +93,7 @@ def test_teacher_checkpoint_layouts(layout, tmp_path):
     import timm
 
     from deitctl.assembly import build_teacher
-    from deitctl.recipe import recipe_from_dict, check_plugins
+    from deitctl.recipe import check_plugins, recipe_from_dict
 
     source = timm.create_model("resnet18", num_classes=10, channels=[8, 16, 32, 64])
     state = source.state_dict()
@@ -100,12 +111,15 @@ def test_teacher_checkpoint_layouts(layout, tmp_path):
             "module_prefix": {"model": {f"module.{k}": v for k, v in state.items()}},
         }[layout]
         torch.save(payload, path)
-    recipe = recipe_from_dict({
-        "student": {"plugin": "deit", "model": "deit_tiny_patch16_224", "patch_size": 8, "depth": 1},
-        "teacher": {"plugin": "timm", "model": "resnet18", "channels": [8, 16, 32, 64], "checkpoint": str(path)},
-        "distillation": {"strategy": "hard"},
-        "data": {"img_size": 32, "num_classes": 10},
-    }, "t.toml")
+    recipe = recipe_from_dict(
+        {
+            "student": {"plugin": "deit", "model": "deit_tiny_patch16_224", "patch_size": 8, "depth": 1},
+            "teacher": {"plugin": "timm", "model": "resnet18", "channels": [8, 16, 32, 64], "checkpoint": str(path)},
+            "distillation": {"strategy": "hard"},
+            "data": {"img_size": 32, "num_classes": 10},
+        },
+        "t.toml",
+    )
     check_plugins(recipe)
     teacher = build_teacher(recipe, 10, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     for key, value in teacher.model.state_dict().items():
@@ -125,7 +139,9 @@ def test_teacher_renormalises_and_resizes():
             seen["x"] = x
             return x.mean(dim=(2, 3))
 
-    teacher = FrozenTeacher(Probe(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), input_size=16)
+    teacher = FrozenTeacher(
+        Probe(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), input_size=16
+    )
     x = torch.full((1, 3, 8, 8), 2.0)  # student-normalised: raw pixel 0.5 + 2 * 0.25 = 1.0
     teacher(x)
     assert seen["x"].shape == (1, 3, 16, 16)
@@ -141,9 +157,24 @@ def test_eval_official_deit_checkpoint_with_model_and_data(tmp_path):
     path = tmp_path / "deit_tiny_distilled.pth"
     torch.save({"model": model.state_dict(), "epoch": 299}, path)
     sample = ROOT / "data" / "cifar10-sample"
-    args = ["eval", "--ckpt", str(path), "--model", "deit_tiny_distilled_patch16_224", "--data", str(sample),
-            "--set", "data.val_per_class=2", "--set", "data.num_workers=0", "--set", "student.depth=1",
-            "--set", "run.threads=1", "--json"]
+    args = [
+        "eval",
+        "--ckpt",
+        str(path),
+        "--model",
+        "deit_tiny_distilled_patch16_224",
+        "--data",
+        str(sample),
+        "--set",
+        "data.val_per_class=2",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "student.depth=1",
+        "--set",
+        "run.threads=1",
+        "--json",
+    ]
     threads = torch.get_num_threads()
     try:
         result = runner.invoke(app, args)
@@ -163,13 +194,16 @@ def test_a_misspelt_hook_is_reported_not_ignored(tmp_path, monkeypatch):
         "    register('typo', lambda *, num_classes: None)\n"
     )
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "DEITCTL_PLUGINS": "typo_plugin"}
-    proc = subprocess.run([sys.executable, "-m", "deitctl", "plugins", "--json"], capture_output=True, text=True,
-                          env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deitctl", "plugins", "--json"], capture_output=True, text=True, env=env, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     listing = json.loads(proc.stdout)
-    assert listing["failures"] == [{
-        "provider": "typo_plugin",
-        "error": "unknown hook 'register_teacher' (did you mean 'register_teachers'?); deitctl's hooks: "
-                 "register_teachers, register_students, register_augmentations, register_strategies, register_datasets",
-    }]
+    assert listing["failures"] == [
+        {
+            "provider": "typo_plugin",
+            "error": "unknown hook 'register_teacher' (did you mean 'register_teachers'?); deitctl's hooks: "
+            "register_teachers, register_students, register_augmentations, register_strategies, register_datasets",
+        }
+    ]
     assert not any(row["name"] == "typo" for row in listing["plugins"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SAMPLE
 from PIL import Image
 from torchvision import transforms as T
 
@@ -18,12 +19,10 @@ from deitctl.image_cache import DecodedImages, cache_decoded
 from deitctl_plugins.augmentations import deit, simple
 from deitctl_plugins.datasets import _rgb_loader, imagefolder
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "cifar10-sample"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-@pytest.fixture()
+@pytest.fixture
 def small_tree(tmp_path) -> Path:
     """A few real CIFAR-10 images per class, plus images in other modes and sizes."""
     root = tmp_path / "data"
@@ -125,6 +124,7 @@ def test_batches_are_bitwise_those_of_the_per_image_pipeline(small_tree, workers
 
 def test_a_batch_mixing_8_bit_and_float_images(small_tree):
     """Images ToTensor does not scale by 255 keep the original steps, in the same batch."""
+
     def loader(path):
         img = _rgb_loader(path)
         return img.convert("L").convert("F") if "gray" in path else img.convert("L")
@@ -145,9 +145,17 @@ def test_training_logs_the_cache(tmp_path):
 
     from deitctl.cli import app
 
-    sets = [f"data.root={json.dumps(str(SAMPLE))}", "data.train_per_class=4", "data.val_per_class=2",
-            "data.num_workers=0", "data.batch_size=8", "run.progress=none", "run.epochs=1",
-            "student.channels=[8, 16, 32, 64]"]
+    sets = [
+        f"data.root={json.dumps(str(SAMPLE))}",
+        "data.train_per_class=4",
+        "data.val_per_class=2",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "run.progress=none",
+        "run.epochs=1",
+        "student.channels=[8, 16, 32, 64]",
+    ]
+
     def train(out: str, *extra: str):
         args = ["train", str(ROOT / "recipes/quickstart_teacher.toml"), "-o", str(tmp_path / out)]
         for s in sets + list(extra):
@@ -186,9 +194,21 @@ def test_batches_are_finished_on_the_training_device(small_tree):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batches_finished_on_cuda_equal_those_finished_on_the_cpu(small_tree):
     aug = simple(img_size=32, mean=MEAN, std=STD, num_classes=2)
-    gpu = make_loader(imagefolder(root=str(small_tree), split="train", transform=aug.eval_transform), batch_size=8,
-                      train=False, seed=0, num_workers=2, pin_memory=True, device=torch.device("cuda"))
-    cpu = make_loader(imagefolder(root=str(small_tree), split="train", transform=aug.eval_transform), batch_size=8,
-                      train=False, seed=0, num_workers=0)
+    gpu = make_loader(
+        imagefolder(root=str(small_tree), split="train", transform=aug.eval_transform),
+        batch_size=8,
+        train=False,
+        seed=0,
+        num_workers=2,
+        pin_memory=True,
+        device=torch.device("cuda"),
+    )
+    cpu = make_loader(
+        imagefolder(root=str(small_tree), split="train", transform=aug.eval_transform),
+        batch_size=8,
+        train=False,
+        seed=0,
+        num_workers=0,
+    )
     for (xg, yg), (xc, yc) in zip(_batches(gpu), _batches(cpu), strict=True):
         assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(yg, yc)

@@ -5,30 +5,36 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SAMPLE, free_port, read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "cifar10-sample"
+pytestmark = pytest.mark.slow  # torchrun with 2 processes
 
 COMMON = [
-    f"data.root={json.dumps(str(SAMPLE))}", "data.train_per_class=4", "data.val_per_class=3", "data.num_workers=0",
-    "data.repeated_aug=3", "run.epochs=2", "run.progress=plain", "ema.enabled=true", "ema.warmup=true",
-    "student.depth=2", "student.embed_dim=32", "student.num_heads=2", "student.patch_size=8", "student.drop_path=0.0",
-    "distillation.strategy=none", 'student.model="deit_tiny_patch16_224"', "augmentation.plugin=simple",
+    f"data.root={json.dumps(str(SAMPLE))}",
+    "data.train_per_class=4",
+    "data.val_per_class=3",
+    "data.num_workers=0",
+    "data.repeated_aug=3",
+    "run.epochs=2",
+    "run.progress=plain",
+    "ema.enabled=true",
+    "ema.warmup=true",
+    "student.depth=2",
+    "student.embed_dim=32",
+    "student.num_heads=2",
+    "student.patch_size=8",
+    "student.drop_path=0.0",
+    "distillation.strategy=none",
+    'student.model="deit_tiny_patch16_224"',
+    "augmentation.plugin=simple",
     "schedule.warmup_epochs=1",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(args: list[str], out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
@@ -44,34 +50,43 @@ def runs(tmp_path_factory):
     # the quickstart recipe has a teacher; strategy none leaves it unused
     single = _run(["-m", "deitctl"], base / "single", ["data.batch_size=8"])
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                "--master_addr=127.0.0.1", "-m", "deitctl"], base / "ddp", ["data.batch_size=4"])
+    ddp = _run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "--master_addr=127.0.0.1",
+            "-m",
+            "deitctl",
+        ],
+        base / "ddp",
+        ["data.batch_size=4"],
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     accumulate = _run(["-m", "deitctl"], base / "accumulate", ["data.batch_size=4", "optimizer.accumulate=2"])
     assert accumulate.returncode == 0, accumulate.stderr[-3000:]
     return base, single, ddp
 
 
-def _metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-
-
 def _close(a: dict, b: dict, atol: float = 2e-5) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key].float(), b[key].float(), atol=atol, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            a[key].float(), b[key].float(), atol=atol, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 def test_ddp_logs_each_epoch_once_and_states_world_size(runs):
     base, _, ddp = runs
-    assert [m["epoch"] for m in _metrics(base / "ddp")] == [1, 2]
+    assert [m["epoch"] for m in read_metrics(base / "ddp")] == [1, 2]
     assert "world size 2" in ddp.stderr
     assert ddp.stderr.count("epoch 1  train_loss") == 1  # rank 0 logs alone
 
 
 def test_ddp_matches_one_process_with_the_same_global_batch(runs):
     base, _, _ = runs
-    single, ddp = _metrics(base / "single"), _metrics(base / "ddp")
+    single, ddp = read_metrics(base / "single"), read_metrics(base / "ddp")
     for s, d in zip(single, ddp):
         assert s["train_images"] == d["train_images"]
         assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
@@ -89,17 +104,22 @@ def test_gradient_accumulation_matches_a_larger_batch(runs):
     a = torch.load(base / "single" / "last.pt", weights_only=True)
     b = torch.load(base / "accumulate" / "last.pt", weights_only=True)
     _close(a["model"], b["model"])
-    single, acc = _metrics(base / "single"), _metrics(base / "accumulate")
+    single, acc = read_metrics(base / "single"), read_metrics(base / "accumulate")
     for s, d in zip(single, acc):
         assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
 
 
 def test_ddp_checkpoint_evaluates_in_one_process(runs):
     base, _, _ = runs
-    proc = subprocess.run([sys.executable, "-m", "deitctl", "eval", "--ckpt", str(base / "ddp" / "best.pt"), "--json"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deitctl", "eval", "--ckpt", str(base / "ddp" / "best.pt"), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)
     assert metrics["images"] == 30
-    best = max(m["acc1"] for m in _metrics(base / "ddp"))
+    best = max(m["acc1"] for m in read_metrics(base / "ddp"))
     assert metrics["acc1"] == pytest.approx(best, abs=1e-6)

@@ -12,37 +12,54 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import ROOT, SAMPLE, read_metrics
+from conftest import invoke as deitctl
 
-from deitctl.cli import app
 from deitctl.tomlio import dump_toml
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "cifar10-sample"
 FIVE_CLASSES = ["airplane", "automobile", "bird", "cat", "deer"]
 TINY = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "drop_path": 0.0}
 TEACHER = {"plugin": "timm", "model": "resnet18", "channels": [8, 16, 32, 64]}
-runner = CliRunner()
 
 
-def deitctl(*args: str):
-    result = runner.invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def _recipe(tmp: Path, name: str, *, root: Path = SAMPLE, strategy: str = "none", student: dict | None = None,
-            teacher: dict | None = None, **sections: dict) -> Path:
+def _recipe(
+    tmp: Path,
+    name: str,
+    *,
+    root: Path = SAMPLE,
+    strategy: str = "none",
+    student: dict | None = None,
+    teacher: dict | None = None,
+    **sections: dict,
+) -> Path:
     """A tiny recipe file: 4 training and 2 validation images a class, one epoch, CPU."""
     distilled = strategy == "token"
     raw = {
-        "run": {"name": name, "output_dir": str(tmp / name), "epochs": 1, "seed": 0, "device": "cpu", "progress": "none"},
-        "data": {"root": str(root), "img_size": 32, "batch_size": 8, "num_workers": 0, "repeated_aug": 1,
-                 "train_per_class": 4, "val_per_class": 2},
-        "student": {"plugin": "deit",
-                    "model": "deit_tiny_distilled_patch16_224" if distilled else "deit_tiny_patch16_224", **TINY,
-                    **(student or {})} if (student or {}).get("plugin", "deit") == "deit" else dict(student),
+        "run": {
+            "name": name,
+            "output_dir": str(tmp / name),
+            "epochs": 1,
+            "seed": 0,
+            "device": "cpu",
+            "progress": "none",
+        },
+        "data": {
+            "root": str(root),
+            "img_size": 32,
+            "batch_size": 8,
+            "num_workers": 0,
+            "repeated_aug": 1,
+            "train_per_class": 4,
+            "val_per_class": 2,
+        },
+        "student": {
+            "plugin": "deit",
+            "model": "deit_tiny_distilled_patch16_224" if distilled else "deit_tiny_patch16_224",
+            **TINY,
+            **(student or {}),
+        }
+        if (student or {}).get("plugin", "deit") == "deit"
+        else dict(student),
         "augmentation": {"plugin": "simple"},
         "distillation": {"strategy": strategy},
         "optimizer": {"lr": 1e-3, "lr_base_batch": 8},
@@ -65,10 +82,6 @@ def _train(recipe: Path, *sets: str):
     return deitctl(*args)
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 # --------------------------------------------------------------------------- tiny runs shared by the tests
 
 
@@ -80,7 +93,7 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher_run(runs) -> Path:
     """A tiny CNN teacher (narrow ResNet-18), one epoch on the 10-class sample."""
-    result = _train(_recipe(runs, "teacher", student={k: v for k, v in TEACHER.items()}))
+    result = _train(_recipe(runs, "teacher", student=dict(TEACHER)))
     assert result.exit_code == 0, result.output
     return runs / "teacher"
 
@@ -109,8 +122,9 @@ def _deit(img_size: int, patch_size: int, *, distilled: bool = True, num_classes
     import timm
 
     name = "deit_tiny_distilled_patch16_224" if distilled else "deit_tiny_patch16_224"
-    return timm.create_model(name, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
-                             depth=1, embed_dim=32, num_heads=2)
+    return timm.create_model(
+        name, num_classes=num_classes, img_size=img_size, patch_size=patch_size, depth=1, embed_dim=32, num_heads=2
+    )
 
 
 @pytest.mark.parametrize(
@@ -139,8 +153,9 @@ def test_pos_embed_is_resampled_as_timm_does_and_tokens_are_kept(source_size, ta
     old_grid = source_size[0] // source_size[1]
     # by hand: two prefix tokens (class, distillation) kept, the grid resampled bicubic
     # (without antialiasing, as the official DeiT code's F.interpolate)
-    expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=[grid, grid], num_prefix_tokens=2,
-                                      interpolation="bicubic", antialias=False)
+    expected = resample_abs_pos_embed(
+        source.pos_embed.detach(), new_size=[grid, grid], num_prefix_tokens=2, interpolation="bicubic", antialias=False
+    )
     assert tuple(target.pos_embed.shape) == (1, 2 + grid * grid, 32)
     torch.testing.assert_close(target.pos_embed.detach(), expected)
     torch.testing.assert_close(target.pos_embed[:, :2].detach(), source.pos_embed[:, :2].detach())
@@ -172,8 +187,9 @@ def test_pos_embed_from_a_plain_checkpoint_into_a_distilled_student(tmp_path):
     notes = init_student(target, str(path), recipe_from_dict({}, "test"))
     pos = source.pos_embed.detach()
     with_dist_row = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
-    expected = resample_abs_pos_embed(with_dist_row, new_size=[6, 6], num_prefix_tokens=2,
-                                      interpolation="bicubic", antialias=False)
+    expected = resample_abs_pos_embed(
+        with_dist_row, new_size=[6, 6], num_prefix_tokens=2, interpolation="bicubic", antialias=False
+    )
     torch.testing.assert_close(target.pos_embed.detach(), expected)
     torch.testing.assert_close(target.dist_token.detach(), source.cls_token.detach())
     assert any("distillation token initialised" in n for n in notes), notes
@@ -197,8 +213,9 @@ def test_transfer_to_five_classes_reinitialises_the_heads(plain_run, tmp_path):
 
     source = torch.load(plain_run / "best.pt", weights_only=True)
     assert source["model"]["head.weight"].shape[0] == 10
-    recipe = _recipe(tmp_path, "five", root=_five_class_root(tmp_path),
-                     student={"checkpoint": str(plain_run / "best.pt")})
+    recipe = _recipe(
+        tmp_path, "five", root=_five_class_root(tmp_path), student={"checkpoint": str(plain_run / "best.pt")}
+    )
 
     parts = assemble(load_recipe(recipe))
     state = parts.student.state_dict()
@@ -211,7 +228,7 @@ def test_transfer_to_five_classes_reinitialises_the_heads(plain_run, tmp_path):
     result = _train(recipe)
     assert result.exit_code == 0, result.output
     run = tmp_path / "five"
-    assert [m["epoch"] for m in _metrics(run)] == [1]
+    assert [m["epoch"] for m in read_metrics(run)] == [1]
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert ckpt["classes"] == FIVE_CLASSES and tuple(ckpt["model"]["head.weight"].shape) == (5, 32)
 
@@ -229,12 +246,21 @@ def _finetune_sets(token_run: Path, teacher_run: Path, out: Path) -> list[str]:
     """recipes/deit_b_384_finetune.toml, shrunk: a 48-px student from the 32-px
     checkpoint, the teacher at 64 px."""
     return [
-        f"run.output_dir={json.dumps(str(out))}", "run.epochs=1", "run.precision=fp32", "run.progress=none",
-        f"data.root={json.dumps(str(SAMPLE))}", "data.train_per_class=4", "data.val_per_class=2",
-        "data.num_workers=0", "data.batch_size=8", "data.img_size=48",
+        f"run.output_dir={json.dumps(str(out))}",
+        "run.epochs=1",
+        "run.precision=fp32",
+        "run.progress=none",
+        f"data.root={json.dumps(str(SAMPLE))}",
+        "data.train_per_class=4",
+        "data.val_per_class=2",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "data.img_size=48",
         *(f"student.{k}={v}" for k, v in TINY.items()),
         f"student.checkpoint={json.dumps(str(token_run / 'best.pt'))}",
-        'teacher.model="resnet18"', "teacher.channels=[8, 16, 32, 64]", "teacher.input_size=64",
+        'teacher.model="resnet18"',
+        "teacher.channels=[8, 16, 32, 64]",
+        "teacher.input_size=64",
         f"teacher.checkpoint={json.dumps(str(teacher_run / 'best.pt'))}",
     ]
 
@@ -242,15 +268,15 @@ def _finetune_sets(token_run: Path, teacher_run: Path, out: Path) -> list[str]:
 def test_finetune_with_distillation_at_a_new_resolution(token_run, teacher_run, tmp_path):
     from timm.layers import resample_abs_pos_embed
 
-    from deitctl.trainer import Trainer
     from deitctl.recipe import load_recipe
+    from deitctl.trainer import Trainer
 
     recipe_file = ROOT / "recipes" / "deit_b_384_finetune.toml"
     sets = _finetune_sets(token_run, teacher_run, tmp_path / "ft")
     result = _train(recipe_file, *sets)
     assert result.exit_code == 0, result.output
     assert "position embedding resampled to a 6x6 grid" in result.output
-    (m,) = _metrics(tmp_path / "ft")
+    (m,) = read_metrics(tmp_path / "ft")
     assert m["epoch"] == 1 and {"acc1", "acc1_cls", "acc1_dist"} <= m.keys()
     resolved = (tmp_path / "ft" / "recipe.toml").read_text()
     assert "img_size = 48" in resolved and "input_size = 64" in resolved and 'strategy = "token"' in resolved
@@ -264,8 +290,9 @@ def test_finetune_with_distillation_at_a_new_resolution(token_run, teacher_run, 
     # teacher sees the batch at its own resolution, 64 px
     trainer = Trainer(load_recipe(recipe_file, _finetune_sets(token_run, teacher_run, tmp_path / "x")))
     source = torch.load(token_run / "best.pt", weights_only=True)["model"]
-    expected = resample_abs_pos_embed(source["pos_embed"], new_size=[6, 6], num_prefix_tokens=2,
-                                      interpolation="bicubic", antialias=False)
+    expected = resample_abs_pos_embed(
+        source["pos_embed"], new_size=[6, 6], num_prefix_tokens=2, interpolation="bicubic", antialias=False
+    )
     torch.testing.assert_close(trainer.student.pos_embed.detach(), expected)
     torch.testing.assert_close(trainer.student.dist_token.detach(), source["dist_token"])
     seen = []
@@ -292,7 +319,7 @@ def test_compare_two_runs_table_and_json(plain_run, token_run):
     assert [r["strategy"] for r in rows] == ["none", "token"]
     assert [r["teacher"] for r in rows] == [None, "resnet18"]
     for row, run in zip(rows, (plain_run, token_run)):
-        lines = _metrics(run)
+        lines = read_metrics(run)
         assert row["best_acc1"] == pytest.approx(max(m["acc1"] for m in lines))
         assert row["last_acc1"] == pytest.approx(lines[-1]["acc1"]) and row["acc5"] == pytest.approx(lines[-1]["acc5"])
         assert row["epochs"] == 1 and row["images_per_s"] > 0
@@ -300,7 +327,7 @@ def test_compare_two_runs_table_and_json(plain_run, token_run):
     assert rows[1]["acc1_cls"] is not None and rows[0]["acc1_cls"] is None
 
 
-def test_compare_falls_back_to_the_checkpoint_without_metrics(plain_run, tmp_path):
+def test_compare_falls_back_to_the_checkpoint_withoutread_metrics(plain_run, tmp_path):
     run = tmp_path / "copied"
     run.mkdir()
     shutil.copy(plain_run / "recipe.toml", run)
@@ -309,15 +336,20 @@ def test_compare_falls_back_to_the_checkpoint_without_metrics(plain_run, tmp_pat
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)
     assert row["run"] == "copied" and row["epochs"] == 1
-    assert row["best_acc1"] == pytest.approx(_metrics(plain_run)[-1]["best_acc1"])
+    assert row["best_acc1"] == pytest.approx(read_metrics(plain_run)[-1]["best_acc1"])
 
 
 def test_compare_rejects_a_directory_that_is_not_a_run(plain_run, tmp_path):
     empty = tmp_path / "not_a_run"
     empty.mkdir()
     (empty / "notes.txt").write_text("hello")
-    for args in ([str(empty)], [str(plain_run), str(empty)], [str(empty), "--json"], [str(tmp_path / "missing")],
-                 [str(empty / "notes.txt")]):
+    for args in (
+        [str(empty)],
+        [str(plain_run), str(empty)],
+        [str(empty), "--json"],
+        [str(tmp_path / "missing")],
+        [str(empty / "notes.txt")],
+    ):
         result = deitctl("compare", *args)
         assert result.exit_code == 2, (args, result.output)
         assert Path(args[-1] if args[-1] != "--json" else args[0]).name in result.output

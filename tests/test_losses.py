@@ -403,7 +403,9 @@ def test_registered_names():
 def _grad_ce(logits, labels, weight):
     """d/dz of weight·mean CE: weight·(softmax − onehot)/B."""
     b = len(logits)
-    return [[weight * (p - (1.0 if j == y else 0.0)) / b for j, p in enumerate(softmax(r))] for r, y in zip(logits, labels)]
+    return [
+        [weight * (p - (1.0 if j == y else 0.0)) / b for j, p in enumerate(softmax(r))] for r, y in zip(logits, labels)
+    ]
 
 
 def _grad_soft_ce(logits, targets, weight):

@@ -13,17 +13,13 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from deitctl.cli import app
 from deitctl.errors import RecipeError, UserError
@@ -47,8 +43,15 @@ TINY_TEACHER = {"plugin": "timm", "model": "resnet18", "channels": [32, 64, 128,
 
 BASE: dict[str, dict[str, Any]] = {
     "run": {"name": "tiny", "epochs": 2, "device": "cpu", "precision": "fp32"},
-    "data": {"dataset": "imagefolder", "root": "absent-data", "img_size": 32, "batch_size": 8,
-             "num_workers": 0, "num_classes": 10, "repeated_aug": 1},
+    "data": {
+        "dataset": "imagefolder",
+        "root": "absent-data",
+        "img_size": 32,
+        "batch_size": 8,
+        "num_workers": 0,
+        "num_classes": 10,
+        "repeated_aug": 1,
+    },
     "student": TINY_DISTILLED,
     "teacher": TINY_TEACHER,
     "augmentation": {"plugin": "simple"},
@@ -161,103 +164,242 @@ epochs = = 3
 CASES = [
     Case("missing-file", None, ["no such recipe file"]),
     Case("toml-syntax", TOML_SYNTAX, ["TOML syntax error", "line 3", "column"]),
-    Case("unknown-section", {"studnet": {"depth": 2}}, ["unknown section [studnet]", "did you mean 'student'"],
-         key="studnet"),
-    Case("unknown-key-epoch", {"run": {"epoch": 5}}, ["unknown key 'epoch'", "did you mean 'epochs'", "known keys:"],
-         key="run.epoch"),
-    Case("unknown-key-show", {"optimizer": {"weight_decai": 0.1}},
-         ["unknown key 'weight_decai'", "did you mean 'weight_decay'"], key="optimizer.weight_decai", command="show"),
+    Case(
+        "unknown-section",
+        {"studnet": {"depth": 2}},
+        ["unknown section [studnet]", "did you mean 'student'"],
+        key="studnet",
+    ),
+    Case(
+        "unknown-key-epoch",
+        {"run": {"epoch": 5}},
+        ["unknown key 'epoch'", "did you mean 'epochs'", "known keys:"],
+        key="run.epoch",
+    ),
+    Case(
+        "unknown-key-show",
+        {"optimizer": {"weight_decai": 0.1}},
+        ["unknown key 'weight_decai'", "did you mean 'weight_decay'"],
+        key="optimizer.weight_decai",
+        command="show",
+    ),
     # [data] passes unknown keys to the dataset plugin; the hint still covers the section's own keys
-    Case("data-key-typo-did-you-mean", {"data": {"batchsize": 8}}, ["'batchsize'", "did you mean 'batch_size'"],
-         key="data.batchsize"),
+    Case(
+        "data-key-typo-did-you-mean",
+        {"data": {"batchsize": 8}},
+        ["'batchsize'", "did you mean 'batch_size'"],
+        key="data.batchsize",
+    ),
     Case("string-for-int", {"data": {"batch_size": "64"}}, ["expected an integer", "'64'"], key="data.batch_size"),
     Case("float-for-int", {"run": {"epochs": 1.5}}, ["expected an integer", "1.5"], key="run.epochs"),
     Case("bool-for-int", {"run": {"seed": True}}, ["expected an integer", "True"], key="run.seed"),
     Case("string-for-float", {"optimizer": {"lr": "fast"}}, ["expected a number", "'fast'"], key="optimizer.lr"),
     Case("int-for-bool", {"ema": {"enabled": 1}}, ["expected true or false"], key="ema.enabled"),
     Case("string-for-list", {"teacher": {"mean": "imagenet"}}, ["expected a list", "'imagenet'"], key="teacher.mean"),
-    Case("list-message-grammar", {"teacher": {"mean": "imagenet"}}, ["expected a list of numbers"],
-         key="teacher.mean"),
+    Case("list-message-grammar", {"teacher": {"mean": "imagenet"}}, ["expected a list of numbers"], key="teacher.mean"),
     Case("not-a-table", {"run": 5}, ["expected a table"], key="run"),
     Case("zero-batch-size", {"data": {"batch_size": 0}}, ["must be positive", "got 0"], key="data.batch_size"),
-    Case("zero-batch-size-show", {"data": {"batch_size": 0}}, ["must be positive"], key="data.batch_size",
-         command="show"),
+    Case(
+        "zero-batch-size-show", {"data": {"batch_size": 0}}, ["must be positive"], key="data.batch_size", command="show"
+    ),
     Case("negative-epochs", {"run": {"epochs": -3}}, ["must be positive", "-3"], key="run.epochs"),
     Case("negative-lr", {"optimizer": {"lr": -0.1}}, ["at least 0", "-0.1"], key="optimizer.lr"),
-    Case("precision-fp8", {"run": {"precision": "fp8"}}, ["'fp8' is not one of", "'fp32'", "'bf16'", "'fp16'"],
-         key="run.precision"),
-    Case("schedule-choice", {"schedule": {"name": "cosin"}}, ["'cosin' is not one of", "'cosine'"],
-         key="schedule.name"),
-    Case("unknown-student-plugin", {"student": {"plugin": "deitt"}},
-         ["unknown student plugin 'deitt'", "did you mean 'deit'", "known:", "deit, timm"], key="student.plugin"),
-    Case("unknown-teacher-plugin", {"teacher": {"plugin": "acme-cnn"}},
-         ["unknown teacher plugin 'acme-cnn'", "known:", "timm"], key="teacher.plugin"),
-    Case("unknown-strategy-plugin", {"distillation": {"strategy": "tokn"}},
-         ["unknown strategy plugin 'tokn'", "did you mean 'token'", "hard, none, soft, token"],
-         key="distillation.strategy"),
-    Case("unknown-dataset-plugin", {"data": {"dataset": "imagenet"}},
-         ["unknown dataset plugin 'imagenet'", "imagefolder, synthetic"], key="data.dataset"),
-    Case("unknown-augmentation-plugin", {"augmentation": {"plugin": "randaug"}},
-         ["unknown augmentation plugin 'randaug'", "deit, simple, three_augment"], key="augmentation.plugin"),
-    Case("unknown-plugin-show", {"distillation": {"strategy": "distill"}},
-         ["unknown strategy plugin 'distill'", "known:"], key="distillation.strategy", command="show"),
-    Case("unknown-augmentation-option", {"augmentation": {"mixupp": 0.5}},
-         ["unknown option 'mixupp'", "augmentation plugin 'simple'", "did you mean 'mixup'", "it accepts:",
-          "hflip", "padding", "smoothing", "crop_pct"], key="augmentation.mixupp"),
-    Case("unknown-strategy-option", {"distillation": {"strategy": "hard", "tau": 3.0},
-                                     "student": TINY_PLAIN},
-         ["unknown option 'tau'", "strategy plugin 'hard'", "it accepts: alpha"], key="distillation.tau"),
-    Case("unknown-dataset-option", {"data": {"dataset": "synthetic", "lenght": 64}},
-         ["unknown option 'lenght'", "dataset plugin 'synthetic'", "did you mean 'length'"], key="data.lenght"),
-    Case("dataset-takes-no-options", {"data": {"cache": True}},
-         ["unknown option 'cache'", "dataset plugin 'imagefolder'", "no options"], key="data.cache"),
-    Case("unknown-student-option-to-timm", {"student": {"depht": 2}},
-         ["student plugin 'deit'", "failed", "depht"], key="student"),
-    Case("token-needs-distilled-student", {"student": TINY_PLAIN},
-         ["needs a student with a distillation token", "'deit_tiny_patch16_224' has none"],
-         key="distillation.strategy"),
-    Case("distilled-student-strategy-none", {"distillation": {"strategy": "none"}, "teacher": DELETE},
-         ["has a distillation token", "strategy 'none' does not train", "token"], key="student.model"),
-    Case("hard-without-teacher", {"distillation": {"strategy": "hard"}, "teacher": DELETE, "student": TINY_PLAIN},
-         ["strategy 'hard' needs a teacher", "add a [teacher] section", "strategy = \"none\""],
-         key="distillation.strategy"),
-    Case("teacher-mean-2-values", {"teacher": {"mean": [0.5, 0.5]}},
-         ["expected 3 values", "[0.5, 0.5]"], key="teacher.mean"),
+    Case(
+        "precision-fp8",
+        {"run": {"precision": "fp8"}},
+        ["'fp8' is not one of", "'fp32'", "'bf16'", "'fp16'"],
+        key="run.precision",
+    ),
+    Case(
+        "schedule-choice", {"schedule": {"name": "cosin"}}, ["'cosin' is not one of", "'cosine'"], key="schedule.name"
+    ),
+    Case(
+        "unknown-student-plugin",
+        {"student": {"plugin": "deitt"}},
+        ["unknown student plugin 'deitt'", "did you mean 'deit'", "known:", "deit, timm"],
+        key="student.plugin",
+    ),
+    Case(
+        "unknown-teacher-plugin",
+        {"teacher": {"plugin": "acme-cnn"}},
+        ["unknown teacher plugin 'acme-cnn'", "known:", "timm"],
+        key="teacher.plugin",
+    ),
+    Case(
+        "unknown-strategy-plugin",
+        {"distillation": {"strategy": "tokn"}},
+        ["unknown strategy plugin 'tokn'", "did you mean 'token'", "hard, none, soft, token"],
+        key="distillation.strategy",
+    ),
+    Case(
+        "unknown-dataset-plugin",
+        {"data": {"dataset": "imagenet"}},
+        ["unknown dataset plugin 'imagenet'", "imagefolder, synthetic"],
+        key="data.dataset",
+    ),
+    Case(
+        "unknown-augmentation-plugin",
+        {"augmentation": {"plugin": "randaug"}},
+        ["unknown augmentation plugin 'randaug'", "deit, simple, three_augment"],
+        key="augmentation.plugin",
+    ),
+    Case(
+        "unknown-plugin-show",
+        {"distillation": {"strategy": "distill"}},
+        ["unknown strategy plugin 'distill'", "known:"],
+        key="distillation.strategy",
+        command="show",
+    ),
+    Case(
+        "unknown-augmentation-option",
+        {"augmentation": {"mixupp": 0.5}},
+        [
+            "unknown option 'mixupp'",
+            "augmentation plugin 'simple'",
+            "did you mean 'mixup'",
+            "it accepts:",
+            "hflip",
+            "padding",
+            "smoothing",
+            "crop_pct",
+        ],
+        key="augmentation.mixupp",
+    ),
+    Case(
+        "unknown-strategy-option",
+        {"distillation": {"strategy": "hard", "tau": 3.0}, "student": TINY_PLAIN},
+        ["unknown option 'tau'", "strategy plugin 'hard'", "it accepts: alpha"],
+        key="distillation.tau",
+    ),
+    Case(
+        "unknown-dataset-option",
+        {"data": {"dataset": "synthetic", "lenght": 64}},
+        ["unknown option 'lenght'", "dataset plugin 'synthetic'", "did you mean 'length'"],
+        key="data.lenght",
+    ),
+    Case(
+        "dataset-takes-no-options",
+        {"data": {"cache": True}},
+        ["unknown option 'cache'", "dataset plugin 'imagefolder'", "no options"],
+        key="data.cache",
+    ),
+    Case(
+        "unknown-student-option-to-timm",
+        {"student": {"depht": 2}},
+        ["student plugin 'deit'", "failed", "depht"],
+        key="student",
+    ),
+    Case(
+        "token-needs-distilled-student",
+        {"student": TINY_PLAIN},
+        ["needs a student with a distillation token", "'deit_tiny_patch16_224' has none"],
+        key="distillation.strategy",
+    ),
+    Case(
+        "distilled-student-strategy-none",
+        {"distillation": {"strategy": "none"}, "teacher": DELETE},
+        ["has a distillation token", "strategy 'none' does not train", "token"],
+        key="student.model",
+    ),
+    Case(
+        "hard-without-teacher",
+        {"distillation": {"strategy": "hard"}, "teacher": DELETE, "student": TINY_PLAIN},
+        ["strategy 'hard' needs a teacher", "add a [teacher] section", 'strategy = "none"'],
+        key="distillation.strategy",
+    ),
+    Case(
+        "teacher-mean-2-values",
+        {"teacher": {"mean": [0.5, 0.5]}},
+        ["expected 3 values", "[0.5, 0.5]"],
+        key="teacher.mean",
+    ),
     Case("teacher-std-zero", {"teacher": {"std": [0.2, 0.0, 0.2]}}, ["every std must be positive"], key="teacher.std"),
-    Case("odd-batch-with-mixup", {"data": {"batch_size": 63}, "augmentation": {"plugin": "deit"}},
-         ["batch_size must be even", "Mixup/CutMix", "63"], key="data.batch_size"),
-    Case("num-classes-in-student", {"student": {"num_classes": 10}},
-         ["'num_classes' is set by deitctl", "not in [student]", "set [data] num_classes instead"],
-         key="student.num_classes"),
-    Case("num-classes-in-teacher", {"teacher": {"num_classes": 100}},
-         ["'num_classes' is set by deitctl", "set [data] num_classes instead"], key="teacher.num_classes"),
-    Case("img-size-in-student", {"student": {"img_size": 64}}, ["'img_size' is set by deitctl"],
-         key="student.img_size"),
+    Case(
+        "odd-batch-with-mixup",
+        {"data": {"batch_size": 63}, "augmentation": {"plugin": "deit"}},
+        ["batch_size must be even", "Mixup/CutMix", "63"],
+        key="data.batch_size",
+    ),
+    Case(
+        "num-classes-in-student",
+        {"student": {"num_classes": 10}},
+        ["'num_classes' is set by deitctl", "not in [student]", "set [data] num_classes instead"],
+        key="student.num_classes",
+    ),
+    Case(
+        "num-classes-in-teacher",
+        {"teacher": {"num_classes": 100}},
+        ["'num_classes' is set by deitctl", "set [data] num_classes instead"],
+        key="teacher.num_classes",
+    ),
+    Case(
+        "img-size-in-student", {"student": {"img_size": 64}}, ["'img_size' is set by deitctl"], key="student.img_size"
+    ),
     # the timm teacher takes **options, so a typo reaches timm.create_model: the message still names it
-    Case("teacher-key-typo-to-timm", {"teacher": {"checkpont": "t.pt"}},
-         ["unknown key 'checkpont'", "did you mean 'checkpoint'"], key="teacher.checkpont"),
-    Case("strategy-alpha-out-of-range", {"distillation": {"alpha": 2.0}},
-         ["strategy plugin 'token'", "alpha must be in [0, 1], got 2.0"], key="distillation"),
-    Case("strategy-option-wrong-type", {"distillation": {"alpha": "half"}},
-         ["expected a number", "'half'"], key="distillation.alpha"),
-    Case("strategy-token-bad-target", {"distillation": {"target": "medium"}},
-         ["target must be 'hard' or 'soft'", "'medium'"], key="distillation"),
+    Case(
+        "teacher-key-typo-to-timm",
+        {"teacher": {"checkpont": "t.pt"}},
+        ["unknown key 'checkpont'", "did you mean 'checkpoint'"],
+        key="teacher.checkpont",
+    ),
+    Case(
+        "strategy-alpha-out-of-range",
+        {"distillation": {"alpha": 2.0}},
+        ["strategy plugin 'token'", "alpha must be in [0, 1], got 2.0"],
+        key="distillation",
+    ),
+    Case(
+        "strategy-option-wrong-type",
+        {"distillation": {"alpha": "half"}},
+        ["expected a number", "'half'"],
+        key="distillation.alpha",
+    ),
+    Case(
+        "strategy-token-bad-target",
+        {"distillation": {"target": "medium"}},
+        ["target must be 'hard' or 'soft'", "'medium'"],
+        key="distillation",
+    ),
     Case("optimizer-betas", {"optimizer": {"betas": [0.9]}}, ["expected two numbers"], key="optimizer.betas"),
-    Case("missing-teacher-recipe", {"teacher": {"checkpoint": "absent/best.pt", "recipe": "absent_teacher.toml"}},
-         ["no such teacher recipe", "absent_teacher.toml"], key="teacher.recipe"),
+    Case(
+        "missing-teacher-recipe",
+        {"teacher": {"checkpoint": "absent/best.pt", "recipe": "absent_teacher.toml"}},
+        ["no such teacher recipe", "absent_teacher.toml"],
+        key="teacher.recipe",
+    ),
     Case("set-bad-value", {}, ["must be positive"], key="data.batch_size", sets=["data.batch_size=0"]),
-    Case("set-unknown-key", {}, ["unknown key 'epoch'", "did you mean 'epochs'"], key="run.epoch",
-         sets=["run.epoch=3"], command="show"),
+    Case(
+        "set-unknown-key",
+        {},
+        ["unknown key 'epoch'", "did you mean 'epochs'"],
+        key="run.epoch",
+        sets=["run.epoch=3"],
+        command="show",
+    ),
     # --set problems are not in the file: the message names --set instead
-    Case("set-no-equals", {}, ["--set expects KEY=VALUE", "'distillation.strategy'"],
-         sets=["distillation.strategy"], names_file=False),
-    Case("set-empty-key-part", {}, ["--set expects KEY=VALUE", "'run..epochs=3'"], sets=["run..epochs=3"],
-         names_file=False),
+    Case(
+        "set-no-equals",
+        {},
+        ["--set expects KEY=VALUE", "'distillation.strategy'"],
+        sets=["distillation.strategy"],
+        names_file=False,
+    ),
+    Case(
+        "set-empty-key-part",
+        {},
+        ["--set expects KEY=VALUE", "'run..epochs=3'"],
+        sets=["run..epochs=3"],
+        names_file=False,
+    ),
     Case("set-into-scalar", {}, ["is not a table"], key="run.epochs.x", sets=["run.epochs.x=3"], names_file=False),
     # a message with "[/...]" in it must not crash the printer
     Case("markup-in-key", {"run": {"[/x]": 1}}, ["unknown key '[/x]'"], key="run.[/x]"),
-    Case("markup-in-value", {"run": {"precision": "[bold]fp8[/bold]"}}, ["'[bold]fp8[/bold]' is not one of"],
-         key="run.precision"),
+    Case(
+        "markup-in-value",
+        {"run": {"precision": "[bold]fp8[/bold]"}},
+        ["'[bold]fp8[/bold]' is not one of"],
+        key="run.precision",
+    ),
 ]
 
 KEY_CASES = [c for c in CASES if c.key]
@@ -318,7 +460,7 @@ def test_bad_recipe_error_names_key(case: Case, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     path = _write_case(case, tmp_path)
-    with pytest.raises(UserError) as info:
+    with pytest.raises(UserError) as info:  # noqa: PT012 (validate runs only on a recipe that loads)
         recipe = load_recipe(path, case.sets)
         if case.command == "validate":
             validate(recipe)
@@ -342,8 +484,14 @@ def test_bad_recipe_in_a_real_process(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text(make_recipe({"run": {"epoch": 5}}), encoding="utf-8")
     env = {**os.environ, "DEITCTL_DISABLE_PLUGIN_AUTOLOAD": "1", "NO_COLOR": "1"}
-    proc = subprocess.run([sys.executable, "-m", "deitctl", "recipe", "validate", str(path)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deitctl", "recipe", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stdout == ""
@@ -355,8 +503,14 @@ def test_markup_in_message_real_process(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text('[run]\n"[/x]" = 1\n', encoding="utf-8")
     env = {**os.environ, "DEITCTL_DISABLE_PLUGIN_AUTOLOAD": "1", "NO_COLOR": "1"}
-    proc = subprocess.run([sys.executable, "-m", "deitctl", "recipe", "validate", str(path)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deitctl", "recipe", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert "Traceback" not in proc.stderr
     assert proc.returncode == 2
     assert f"{path}: [run.[/x]]" in proc.stderr
@@ -412,10 +566,11 @@ def test_tiny_recipe_show_round_trips(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "tiny.toml"
     path.write_text(make_recipe(), encoding="utf-8")
-    text, data = _round_trip(path, tmp_path)
+    _text, data = _round_trip(path, tmp_path)
     # defaults are filled in: every section, and the plugins' own options
-    assert {"run", "data", "student", "teacher", "augmentation", "distillation", "optimizer", "schedule",
-            "ema"} <= set(data)
+    assert {"run", "data", "student", "teacher", "augmentation", "distillation", "optimizer", "schedule", "ema"} <= set(
+        data
+    )
     assert data["distillation"]["alpha"] == 0.5 and data["distillation"]["target"] == "hard"
     assert data["augmentation"]["smoothing"] == 0.1
     assert data["student"]["depth"] == 2 and data["teacher"]["channels"] == [32, 64, 128, 256]
@@ -442,8 +597,21 @@ def test_set_typed_values(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "tiny.toml"
     path.write_text(make_recipe(), encoding="utf-8")
-    res = cli("recipe", "show", str(path), "--set", "run.epochs=7", "--set", "optimizer.lr=1e-3",
-              "--set", "teacher.mean=[0.5, 0.5, 0.5]", "-s", "ema.enabled=false", "-s", "run.name=other")
+    res = cli(
+        "recipe",
+        "show",
+        str(path),
+        "--set",
+        "run.epochs=7",
+        "--set",
+        "optimizer.lr=1e-3",
+        "--set",
+        "teacher.mean=[0.5, 0.5, 0.5]",
+        "-s",
+        "ema.enabled=false",
+        "-s",
+        "run.name=other",
+    )
     assert res.exit_code == 0, res.output
     data = tomllib.loads(res.stdout)
     assert data["run"]["epochs"] == 7 and data["optimizer"]["lr"] == 1e-3
@@ -480,7 +648,7 @@ def test_teacher_with_strategy_none_warns(tmp_path, monkeypatch):
     path.write_text(make_recipe({"student": TINY_PLAIN, "distillation": {"strategy": "none"}}), encoding="utf-8")
     res = cli("recipe", "validate", str(path))
     assert res.exit_code == 0, res.output
-    assert "warning: [teacher] is set but distillation.strategy is \"none\"" in res.stderr
+    assert 'warning: [teacher] is set but distillation.strategy is "none"' in res.stderr
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

@@ -34,21 +34,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import HOSTILE, ROOT, SAMPLE, cli
 
-from deitctl.cli import app
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "cifar10-sample"
-HOSTILE = Path(__file__).resolve().parent / "hostile"
 TINY = HOSTILE / "tiny.toml"
 PLUGIN_MODULE = "deitctl_hostile_plugins"
 CKPT_NAMES = {"last.pt", "best.pt", "metrics.jsonl", "recipe.toml"}
 # what a killed process may leave behind: save_checkpoint's temporary files and the
 # output-directory write probe; neither ends in ".pt", so neither passes for a checkpoint
 LEFTOVER = re.compile(r"\.(last|best)\.pt\.\d+\.tmp|\.write-test-\d+")
-
-runner = CliRunner()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -59,14 +52,6 @@ def train_args(out: Path, *sets: str, root: Path = SAMPLE, resume: bool = False)
     for item in sets:
         args += ["--set", item]
     return args + (["--resume"] if resume else [])
-
-
-def cli(*args: str) -> tuple[int, str]:
-    """Run the CLI in-process: (exit code, stdout + stderr). Unexpected exceptions propagate."""
-    result = runner.invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -82,8 +67,13 @@ def spawn(args: list[str], **env: str) -> subprocess.Popen:
     """``python -m deitctl ARGS`` in its own session (so that a signal to its group hits
     its data-loader workers too, and nothing else)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "deitctl", *args], cwd=ROOT, env=subprocess_env(**env),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, "-m", "deitctl", *args],
+        cwd=ROOT,
+        env=subprocess_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -217,6 +207,7 @@ def _saving_last(out: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path):
     """Real ``deitctl train`` processes SIGKILLed during start-up, in the middle of writing a
     checkpoint, and at a seeded random moment of training (a step, an evaluation or a save),
@@ -231,7 +222,7 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path):
             if moment == "start-up":  # imports, model building, maybe the first epoch
                 time.sleep(rng.uniform(0.0, 2.0))
             else:
-                wait_for(lambda: file_id(out / "last.pt") != before, proc, "a checkpoint was saved")
+                wait_for(lambda before=before: file_id(out / "last.pt") != before, proc, "a checkpoint was saved")
                 if moment == "saving":  # last.pt's temporary file is open: the kill lands in torch.save/fsync
                     wait_for(lambda: _saving_last(out), proc, "last.pt was being written", poll=0)
                 else:
@@ -257,10 +248,10 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tmp_path):
 
 EXACT_SETS = [
     "run.epochs=3",
-    "student.depth=2",              # drop_path reaches block 2 only: the torch RNG is used
+    "student.depth=2",  # drop_path reaches block 2 only: the torch RNG is used
     "student.drop_path=0.1",
     "augmentation.plugin=slow_deit",  # the deit augmentation: mixup and cutmix use numpy's RNG
-    "data.train_per_class=4",         # 40 images, 5 steps of 8 an epoch
+    "data.train_per_class=4",  # 40 images, 5 steps of 8 an epoch
     "data.batch_size=8",
     "ema.enabled=true",
     "ema.decay=0.9",
@@ -331,8 +322,13 @@ def sigterm_run(request, tmp_path_factory):
         epochs_after_term = epochs_in_metrics(out)
         resume_code, resume_output = cli(*train_args(out, *sets, *slow, resume=True))
     return {
-        "workers": workers, "reference": reference, "out": out, "term": (term_code, term_output),
-        "after_term": after_term, "epochs_after_term": epochs_after_term, "resume": (resume_code, resume_output),
+        "workers": workers,
+        "reference": reference,
+        "out": out,
+        "term": (term_code, term_output),
+        "after_term": after_term,
+        "epochs_after_term": epochs_after_term,
+        "resume": (resume_code, resume_output),
     }
 
 
@@ -375,6 +371,7 @@ def test_resume_after_sigterm_is_bitwise_the_uninterrupted_run(sigterm_run):
         assert [m[key] for m in got_m] == [m[key] for m in ref_m], key
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_workers_stops_cleanly(tmp_path):
     out = tmp_path / "run"
     with reaped(spawn(train_args(out, *EXACT_SETS, "data.num_workers=2", "augmentation.delay=0.02"))) as proc:
@@ -417,8 +414,12 @@ def _tiny_teacher(path: Path) -> Path:
     return path
 
 
-TEACHER_SETS = ["distillation.strategy=hard", "teacher.plugin=timm", "teacher.model=resnet18",
-                "teacher.channels=[8, 16, 32, 64]"]
+TEACHER_SETS = [
+    "distillation.strategy=hard",
+    "teacher.plugin=timm",
+    "teacher.model=resnet18",
+    "teacher.channels=[8, 16, 32, 64]",
+]
 
 
 def test_teacher_checkpoint_control_trains(tmp_path):
@@ -503,8 +504,9 @@ def test_bad_images_skip_with_workers_warns_from_the_workers(tmp_path):
     """With data-loader workers the warning comes from the worker processes (real stderr)."""
     root, bad = _faulty_root(tmp_path, "truncated")
     out = tmp_path / "run"
-    code, output = finish(spawn(train_args(out, *SMALL_ROOT_SETS, "data.bad_images=skip", "data.num_workers=2",
-                                           root=root)))
+    code, output = finish(
+        spawn(train_args(out, *SMALL_ROOT_SETS, "data.bad_images=skip", "data.num_workers=2", root=root))
+    )
     assert code == 0, output
     assert f"warning: skipping unreadable image {bad}" in output
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["skipped_images"] > 0
@@ -568,8 +570,14 @@ def test_a_validation_class_unknown_to_training_is_refused(tmp_path):
 
 # Epoch 1 warms up at 1e-4; from epoch 2 the learning rate is 1e30 (a schedule that is
 # restored on --resume, so the resumed run really uses it).
-EXPLODE = ["optimizer.lr=1e30", "schedule.min_lr=1e30", "schedule.warmup_lr=1e-4", "schedule.warmup_epochs=1",
-           'schedule.interval="epoch"', "data.train_per_class=4"]
+EXPLODE = [
+    "optimizer.lr=1e30",
+    "schedule.min_lr=1e30",
+    "schedule.warmup_lr=1e-4",
+    "schedule.warmup_epochs=1",
+    'schedule.interval="epoch"',
+    "data.train_per_class=4",
+]
 
 
 def test_a_non_finite_loss_exits_1_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -593,14 +601,22 @@ def test_a_non_finite_loss_exits_1_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 PLUGIN_CASES = {
-    "teacher-raises": (["distillation.strategy=hard", "teacher.plugin=hostile-boom"],
-                       ["[teacher]", "'hostile-boom'", PLUGIN_MODULE, "ValueError: boom"]),
-    "teacher-not-a-module": (["distillation.strategy=hard", "teacher.plugin=hostile-dict"],
-                             ["'hostile-dict'", PLUGIN_MODULE, "returned dict, not a torch.nn.Module"]),
-    "teacher-wrong-shape": (["distillation.strategy=soft", "teacher.plugin=hostile-wide"],
-                            ["[teacher]", "'hostile-wide'", "[2, 11]", "expected logits of shape [2, 10]"]),
-    "student-wrong-shape": (["student.plugin=hostile-wide"],
-                            ["[student]", "'hostile-wide'", "[2, 11]", "expected logits of shape [2, 10]"]),
+    "teacher-raises": (
+        ["distillation.strategy=hard", "teacher.plugin=hostile-boom"],
+        ["[teacher]", "'hostile-boom'", PLUGIN_MODULE, "ValueError: boom"],
+    ),
+    "teacher-not-a-module": (
+        ["distillation.strategy=hard", "teacher.plugin=hostile-dict"],
+        ["'hostile-dict'", PLUGIN_MODULE, "returned dict, not a torch.nn.Module"],
+    ),
+    "teacher-wrong-shape": (
+        ["distillation.strategy=soft", "teacher.plugin=hostile-wide"],
+        ["[teacher]", "'hostile-wide'", "[2, 11]", "expected logits of shape [2, 10]"],
+    ),
+    "student-wrong-shape": (
+        ["student.plugin=hostile-wide"],
+        ["[student]", "'hostile-wide'", "[2, 11]", "expected logits of shape [2, 10]"],
+    ),
 }
 
 
@@ -614,6 +630,25 @@ def test_a_faulty_plugin_is_a_clear_exit_2(case, hostile_plugins, tmp_path):
         assert text in output, (text, output)
     assert "Traceback" not in output
     assert not (out / "last.pt").exists()
+
+
+@pytest.mark.parametrize("switch", ["env", "flag"])
+def test_debug_shows_the_plugins_own_traceback_next_to_the_message(switch, hostile_plugins, tmp_path, monkeypatch):
+    sets, expected = PLUGIN_CASES["teacher-raises"]
+    args = train_args(tmp_path / "run", *sets)
+    if switch == "env":
+        monkeypatch.setenv("DEITCTL_DEBUG", "1")
+    else:
+        monkeypatch.setenv("DEITCTL_DEBUG", "0")  # off; the flag turns it on (and teardown restores it)
+        args = ["--debug", *args]
+    code, output = cli(*args)
+    assert code == 2, output
+    assert "Traceback (most recent call last)" in output
+    assert "deitctl_hostile_plugins.py" in output and "in boom_teacher" in output  # the plugin's frame
+    assert 'raise ValueError("boom")' in output
+    assert output.rstrip().splitlines()[-1].startswith("error: ")  # the one-line message still ends it
+    for text in expected:
+        assert text in output, (text, output)
 
 
 # --------------------------------------------------------------------------- 7. disk
@@ -648,8 +683,10 @@ def _disk_full(monkeypatch, fail):
 def test_a_full_disk_keeps_the_previous_checkpoint(monkeypatch, tmp_path):
     """The second save of last.pt (end of epoch 2) fails."""
     out = tmp_path / "run"
-    calls = _disk_full(monkeypatch, lambda name, calls: name.startswith(".last.pt.")
-                       and sum(c.startswith(".last.pt.") for c in calls) == 2)
+    calls = _disk_full(
+        monkeypatch,
+        lambda name, calls: name.startswith(".last.pt.") and sum(c.startswith(".last.pt.") for c in calls) == 2,
+    )
     code, output = cli(*train_args(out, "run.epochs=2"))
     assert code == 1, output
     assert f"could not write {out / 'last.pt'}: No space left on device" in output, output
@@ -664,8 +701,10 @@ def test_a_full_disk_keeps_the_previous_checkpoint(monkeypatch, tmp_path):
 def test_a_full_disk_on_the_first_best_checkpoint_says_what_is_kept(monkeypatch, tmp_path):
     """The first save of best.pt (epoch 1) fails: there is no previous best.pt to keep."""
     out = tmp_path / "run"
-    calls = _disk_full(monkeypatch, lambda name, calls: name.startswith(".best.pt.")
-                       and sum(c.startswith(".best.pt.") for c in calls) == 1)
+    calls = _disk_full(
+        monkeypatch,
+        lambda name, calls: name.startswith(".best.pt.") and sum(c.startswith(".best.pt.") for c in calls) == 1,
+    )
     code, output = cli(*train_args(out, "run.epochs=2"))
     assert code == 1, output
     assert any(c.startswith(".best.pt.") for c in calls)
@@ -693,7 +732,7 @@ def test_resume_after_a_crash_between_checkpoint_and_metrics_keeps_every_epoch(m
     assert (out / "best.pt").exists()
 
 
-LOADER_LEFT_OPEN = '''
+LOADER_LEFT_OPEN = """
 import os, sys, torch
 from deitctl.data import make_loader
 
@@ -703,7 +742,7 @@ class Niceness(torch.utils.data.Dataset):
 
 kept = make_loader(Niceness(), batch_size=4, train=True, seed=0, num_workers=2, worker_nice=int(sys.argv[1]))
 print(sorted({int(v) for batch, _ in kept for v in batch}))
-'''
+"""
 
 
 def test_a_script_that_leaves_loaders_open_exits_and_workers_run_niced(tmp_path):
@@ -712,13 +751,14 @@ def test_a_script_that_leaves_loaders_open_exits_and_workers_run_niced(tmp_path)
     script = tmp_path / "open_loader.py"
     script.write_text(LOADER_LEFT_OPEN)
     base = os.nice(0)
-    done = subprocess.run([sys.executable, str(script), "5"], capture_output=True, text=True, timeout=120,
-                          env=subprocess_env())
+    done = subprocess.run(
+        [sys.executable, str(script), "5"], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"[{base + 5}]"
 
 
-LOADER_IN_A_CYCLE = '''
+LOADER_IN_A_CYCLE = """
 import gc, os, torch
 import torch.utils.data._utils as torch_data_utils
 from deitctl.data import make_loader
@@ -735,7 +775,7 @@ loader.itself = loader  # a reference cycle: only the cyclic garbage collector f
 del loader
 gc.collect()
 print(sum(os.path.exists(f"/proc/{p}") for p in pids))
-'''
+"""
 
 
 def test_workers_of_a_loader_freed_by_the_cyclic_gc_do_not_block_exit(tmp_path):
@@ -743,7 +783,8 @@ def test_workers_of_a_loader_freed_by_the_cyclic_gc_do_not_block_exit(tmp_path):
     out, so its workers wait for work forever (and ignore SIGTERM); exit kills them."""
     script = tmp_path / "cycle.py"
     script.write_text(LOADER_IN_A_CYCLE)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                          env=subprocess_env())
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=subprocess_env()
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2"  # they outlived their loader, and did not stop the exit

@@ -11,28 +11,40 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from typer.testing import CliRunner
+from conftest import ROOT, runner
 
 from deitctl.cli import app
 from deitctl.optim import optimizer_implementation
-from deitctl.trainer import Trainer
 from deitctl.recipe import load_recipe
 from deitctl.runtime import cpu_has_native_bf16, resolve_attention, resolve_precision, set_attention
+from deitctl.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-runner = CliRunner()
 
 SYNTHETIC = [
-    'data.dataset="synthetic"', "data.img_size=32", "data.batch_size=8", "data.num_workers=0",
-    "data.num_classes=10", "data.repeated_aug=1", "data.length=16",
-    'student.model="deit_tiny_patch16_224"', "student.depth=2", "student.embed_dim=32", "student.num_heads=2", "student.patch_size=8",
-    'distillation.strategy="none"', "run.progress=none", 'run.device="cpu"', "run.epochs=1",
+    'data.dataset="synthetic"',
+    "data.img_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.num_classes=10",
+    "data.repeated_aug=1",
+    "data.length=16",
+    'student.model="deit_tiny_patch16_224"',
+    "student.depth=2",
+    "student.embed_dim=32",
+    "student.num_heads=2",
+    "student.patch_size=8",
+    'distillation.strategy="none"',
+    "run.progress=none",
+    'run.device="cpu"',
+    "run.epochs=1",
 ]
 
 
 def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
-    recipe = load_recipe(ROOT / "recipes/quickstart.toml", [*SYNTHETIC, f"run.output_dir={json.dumps(str(tmp_path))}", *overrides])
+    recipe = load_recipe(
+        ROOT / "recipes/quickstart.toml", [*SYNTHETIC, f"run.output_dir={json.dumps(str(tmp_path))}", *overrides]
+    )
     return Trainer(recipe)
 
 
@@ -108,8 +120,10 @@ def test_auto_precision_trains_and_says_what_it_chose(tmp_path):
     assert result.exit_code == 0, result.output
     chosen = "bf16" if cpu_has_native_bf16() else "fp32"
     attention = "math" if chosen == "bf16" else "fused"
-    assert (f"precision {chosen} (auto), attention {attention}, GELU backward recompute, optimizer adamw (fused)"
-            in result.output)
+    assert (
+        f"precision {chosen} (auto), attention {attention}, GELU backward recompute, optimizer adamw (fused)"
+        in result.output
+    )
     if platform.libc_ver()[0] == "glibc":
         assert "freed host memory kept for reuse" in result.output
     assert (tmp_path / "out" / "last.pt").is_file()
@@ -138,7 +152,7 @@ def _faults(setting: str) -> tuple[bool, int]:
     return retained == "True", int(faults)
 
 
-@pytest.mark.skipif(not platform.libc_ver()[0] == "glibc" or sys.platform != "linux", reason="glibc's malloc only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or sys.platform != "linux", reason="glibc's malloc only")
 def test_retained_host_memory_is_reused_instead_of_faulted_in_every_time():
     retained, faults_on = _faults("on")
     kept, faults_off = _faults("off")

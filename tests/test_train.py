@@ -9,13 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from deitctl.cli import app
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "cifar10-sample"
-runner = CliRunner()
+from conftest import ROOT, SAMPLE
+from conftest import cli as deitctl
 
 SMALL_DATA = [
     f"data.root={json.dumps(str(SAMPLE))}",
@@ -28,19 +23,13 @@ SMALL_DATA = [
 TINY_STUDENT = ["student.depth=2", "student.embed_dim=32", "student.num_heads=2", "student.patch_size=8"]
 
 
-def deitctl(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory) -> Path:
     """A small CNN teacher trained for one epoch by the quickstart's teacher recipe."""
     out = tmp_path_factory.mktemp("teacher")
-    code, text = _train(ROOT / "recipes/quickstart_teacher.toml", out,
-                        ["run.epochs=1", "student.channels=[8, 16, 32, 64]"])
+    code, text = _train(
+        ROOT / "recipes/quickstart_teacher.toml", out, ["run.epochs=1", "student.channels=[8, 16, 32, 64]"]
+    )
     assert code == 0, text
     assert (out / "best.pt").is_file()
     return out / "best.pt"
@@ -93,11 +82,15 @@ def test_every_strategy_trains_and_evaluates(strategy, teacher_ckpt, tmp_path):
 
 def test_teacher_weights_are_frozen_and_loaded(teacher_ckpt, tmp_path):
     """The teacher in training is the checkpoint's, unchanged after a run."""
-    from deitctl.trainer import Trainer
     from deitctl.recipe import load_recipe
+    from deitctl.trainer import Trainer
 
-    recipe = load_recipe(ROOT / "recipes/quickstart.toml", SMALL_DATA + _student_recipe("hard", teacher_ckpt)
-                         + [f"run.output_dir={json.dumps(str(tmp_path))}", "run.epochs=1"])
+    recipe = load_recipe(
+        ROOT / "recipes/quickstart.toml",
+        SMALL_DATA
+        + _student_recipe("hard", teacher_ckpt)
+        + [f"run.output_dir={json.dumps(str(tmp_path))}", "run.epochs=1"],
+    )
     trainer = Trainer(recipe)
     saved = torch.load(teacher_ckpt, weights_only=True)["model"]
     before = {k: v.clone() for k, v in trainer.teacher.model.state_dict().items()}
@@ -112,7 +105,9 @@ def test_teacher_weights_are_frozen_and_loaded(teacher_ckpt, tmp_path):
 
 def test_predict_top_k(teacher_ckpt, tmp_path):
     out = tmp_path / "run"
-    code, text = _train(ROOT / "recipes/quickstart.toml", out, _student_recipe("token", teacher_ckpt) + ["run.epochs=1"])
+    code, text = _train(
+        ROOT / "recipes/quickstart.toml", out, _student_recipe("token", teacher_ckpt) + ["run.epochs=1"]
+    )
     assert code == 0, text
     images = [SAMPLE / "val" / "cat" / "0000.jpg", SAMPLE / "val" / "ship" / "0001.jpg"]
     code, text = deitctl("predict", "--ckpt", str(out / "last.pt"), "--json", "-k", "3", *map(str, images))
@@ -122,8 +117,10 @@ def test_predict_top_k(teacher_ckpt, tmp_path):
     for r in result:
         probs = [row["probability"] for row in r["top"]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
-        assert all(row["class"] in {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
-                   for row in r["top"])
+        assert all(
+            row["class"] in {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+            for row in r["top"]
+        )
     code, text = deitctl("predict", "--ckpt", str(out / "last.pt"), str(ROOT / "README.md"))
     assert code == 2 and "README.md" in text and "Traceback" not in text
 
@@ -138,8 +135,12 @@ def test_paper_recipes_train_on_a_few_images(size, tmp_path):
     torch.manual_seed(0)
     torch.save({"model": timm.create_model("regnety_160", num_classes=10).state_dict()}, teacher_file)
     overrides = [
-        "data.img_size=32", "run.epochs=1", "data.repeated_aug=3", "teacher.input_size=32",
-        f"teacher.checkpoint={json.dumps(str(teacher_file))}", "ema.enabled=true",
+        "data.img_size=32",
+        "run.epochs=1",
+        "data.repeated_aug=3",
+        "teacher.input_size=32",
+        f"teacher.checkpoint={json.dumps(str(teacher_file))}",
+        "ema.enabled=true",
     ]
     if size == "b":
         overrides += ["student.depth=2"]
@@ -153,11 +154,16 @@ def test_paper_recipes_train_on_a_few_images(size, tmp_path):
     assert "acc1_ema" in m
 
 
+@pytest.mark.slow
 def test_compile_bf16_and_channels_last_teacher(teacher_ckpt, tmp_path):
     """run.compile compiles student and teacher; bf16 autocast on CPU; a channels_last teacher."""
     out = tmp_path / "compiled"
-    code, text = _train(ROOT / "recipes/quickstart.toml", out, _student_recipe("token", teacher_ckpt) + [
-        "run.epochs=1", "run.compile=true", "run.precision=bf16", "run.channels_last=true", "student.depth=1"])
+    code, text = _train(
+        ROOT / "recipes/quickstart.toml",
+        out,
+        _student_recipe("token", teacher_ckpt)
+        + ["run.epochs=1", "run.compile=true", "run.precision=bf16", "run.channels_last=true", "student.depth=1"],
+    )
     assert code == 0, text
     assert "GELU backward saved" in text  # run.gelu_backward = "auto" when compiling on CPU
     m = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])

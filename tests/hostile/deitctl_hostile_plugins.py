@@ -69,7 +69,9 @@ def slow_deit(*, img_size: int, mean, std, num_classes: int, delay: float = 0.0,
     from deitctl_plugins.augmentations import deit
 
     aug = deit(img_size=img_size, mean=mean, std=std, num_classes=num_classes, **options)
-    return Augmentation(_Sleepy(aug.train_transform, delay, hold), aug.eval_transform, aug.batch_transform, aug.smoothing)
+    return Augmentation(
+        _Sleepy(aug.train_transform, delay, hold), aug.eval_transform, aug.batch_transform, aug.smoothing
+    )
 
 
 @deitctl.hookimpl

@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = ["acme_cnn", "register_students", "register_teachers"]
 
 
-def acme_cnn(*, num_classes: int, width: int = 32, depth: int = 3) -> "AcmeCNN":
+def acme_cnn(*, num_classes: int, width: int = 32, depth: int = 3) -> AcmeCNN:
     """The factory deitctl calls: an :class:`~deitctl_acme_teacher.model.AcmeCNN`.
 
     ``num_classes`` comes from deitctl (the dataset's class count). Every other
