@@ -9,7 +9,8 @@ on (:class:`LateTransform`). Last, the loaders.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +19,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deitctl.api import Augmentation, Strategy
-from deitctl.data import Loader, base_and_indices, make_loader, per_class_subset
+from deitctl.data import Loader, base_and_indices, empty_class_folders, make_loader, per_class_subset, without_files
 from deitctl.distributed import World
-from deitctl.errors import DeitctlError, PluginError, RecipeError
-from deitctl.image_cache import cache_decoded
+from deitctl.errors import DeitctlError, PluginError, RecipeError, UserError
+from deitctl.image_cache import cache_decoded, unreadable_found
 from deitctl.kinds import kind
 from deitctl.recipe import Recipe
 from deitctl.registry import Plugin, get_registry
@@ -52,6 +53,8 @@ class Parts:
     teacher: FrozenTeacher | None = None
     notes: list[str] = field(default_factory=list)
     """What assembly did that the run's log should say (checkpoint init, image cache)."""
+    dropped_images: int = 0
+    """Unreadable training images left out at start-up (``bad_images = "skip"``)."""
 
     @property
     def num_classes(self) -> int:
@@ -310,6 +313,55 @@ def _decode_threads(recipe: Recipe) -> int:
 # --------------------------------------------------------------------------- the whole
 
 
+MAX_LISTED = 20
+
+
+def _listing(paths: Sequence[str]) -> str:
+    """Every path, or the first 20 and a count."""
+    shown = [f"  {p}" for p in paths[:MAX_LISTED]]
+    if len(paths) > MAX_LISTED:
+        shown.append(f"  ... and {len(paths) - MAX_LISTED} more")
+    return "\n".join(shown)
+
+
+@contextmanager
+def _naming_empty_folders(empty: Sequence[str]) -> Iterator[None]:
+    """An error while the models are built also names the empty class folders: each still
+    counts as a class, so it changes the class count that models and checkpoints must fit."""
+    try:
+        yield
+    except UserError as exc:
+        if not empty:
+            raise
+        note = (
+            f"; note: {', '.join(empty)} {'is an empty class folder' if len(empty) == 1 else 'are empty class folders'}"
+        )
+        note += ", counted as a class"
+        if isinstance(exc, RecipeError):
+            raise RecipeError(exc.detail + note, source=exc.source, key=exc.key) from exc
+        raise UserError(str(exc) + note) from exc
+
+
+def _unreadable_up_front(recipe: Recipe, datasets: list[Any], notes: list[str]) -> tuple[list[Any], int]:
+    """Unreadable images the start-up decode found: stop (``bad_images = "error"``) or leave
+    them out now (``"skip"``). Returns the datasets and how many training images were left out."""
+    found: dict[str, str] = {}
+    for ds in datasets:
+        found.update(unreadable_found(ds))
+    if not found:
+        return datasets, 0
+    listing = _listing([f"{path} ({error})" for path, error in found.items()])
+    if recipe.data.bad_images == "error":
+        raise UserError(
+            f"data: {len(found)} unreadable image{'s' if len(found) > 1 else ''} found at start-up:\n{listing}\n"
+            'fix or remove them, or set [data] bad_images = "skip" to leave them out'
+        )
+    notes.append(f"warning: {len(found)} unreadable images left out:\n{listing}")
+    before = len(datasets[0])
+    kept = [without_files(ds, found) for ds in datasets]
+    return kept, before - len(kept[0])
+
+
 def assemble(recipe: Recipe, *, world: World | None = None, with_teacher: bool | None = None) -> Parts:
     """Build a run's data, models, augmentation, loss and loaders from its recipe."""
     from deitctl.finetune import init_student
@@ -319,29 +371,33 @@ def assemble(recipe: Recipe, *, world: World | None = None, with_teacher: bool |
     train_tf, val_tf = LateTransform(), LateTransform()
     train_ds, val_ds, classes = build_datasets(recipe, train_tf, val_tf)
     num_classes = len(classes)
+    empty = [*empty_class_folders(train_ds), *empty_class_folders(val_ds)]
+    notes = [f"warning: class folder {path} has no images; it still counts as a class" for path in empty]
 
-    student = build_student(recipe, num_classes)
-    checkpoint = recipe.student.checkpoint
-    notes = (
-        [f"student initialised from {checkpoint}: {n}" for n in init_student(student, checkpoint, recipe)]
-        if checkpoint
-        else []
-    )
-    check_output(recipe, student, num_classes, "student")
-    strategy = build_strategy(recipe)
-    check_student_strategy(recipe, student, strategy)
-    mean, std = normalization(student)
-
-    teacher = None
-    if with_teacher if with_teacher is not None else recipe.uses_teacher:
-        teacher = build_teacher(recipe, num_classes, mean, std)
-        check_output(recipe, teacher, num_classes, "teacher")
+    with _naming_empty_folders(empty):
+        student = build_student(recipe, num_classes)
+        checkpoint = recipe.student.checkpoint
+        if checkpoint:
+            changes = init_student(student, checkpoint, recipe) or ["every weight as saved"]
+            notes += [f"student initialised from {checkpoint}: {change}" for change in changes]
+        check_output(recipe, student, num_classes, "student")
+        strategy = build_strategy(recipe)
+        check_student_strategy(recipe, student, strategy)
+        mean, std = normalization(student)
+        teacher = None
+        if with_teacher if with_teacher is not None else recipe.uses_teacher:
+            teacher = build_teacher(recipe, num_classes, mean, std)
+            check_output(recipe, teacher, num_classes, "teacher")
 
     aug = build_augmentation(recipe, mean, std, num_classes)
     bind_transform(train_ds, train_tf, aug.train_transform)
     bind_transform(val_ds, val_tf, aug.eval_transform)
 
     d = recipe.data
+    for split, ds in ((d.train_split, train_ds), (d.val_split, val_ds)):
+        if note := cache_decoded(ds, limit_mb=d.cache_mb, threads=_decode_threads(recipe)):
+            notes.append(f"{split} split: {note}")
+    (train_ds, val_ds), dropped = _unreadable_up_front(recipe, [train_ds, val_ds], notes)
     if len(train_ds) < d.batch_size * world.world_size:
         raise RecipeError(
             f"the training split has {len(train_ds)} images, fewer than one batch "
@@ -349,9 +405,6 @@ def assemble(recipe: Recipe, *, world: World | None = None, with_teacher: bool |
             source=recipe.source,
             key="data.batch_size",
         )
-    for split, ds in ((d.train_split, train_ds), (d.val_split, val_ds)):
-        if note := cache_decoded(ds, limit_mb=d.cache_mb, threads=_decode_threads(recipe)):
-            notes.append(f"{split} split: {note}")
     common: dict[str, Any] = dict(
         num_workers=d.num_workers,
         pin_memory=d.pin_memory and device.type == "cuda",
@@ -364,4 +417,6 @@ def assemble(recipe: Recipe, *, world: World | None = None, with_teacher: bool |
     )
     train_loader = make_loader(train_ds, batch_size=d.batch_size, train=True, repeats=d.repeated_aug, **common)
     val_loader = make_loader(val_ds, batch_size=d.batch_size, train=False, **common)
-    return Parts(recipe, device, classes, mean, std, student, strategy, aug, train_loader, val_loader, teacher, notes)
+    return Parts(
+        recipe, device, classes, mean, std, student, strategy, aug, train_loader, val_loader, teacher, notes, dropped
+    )

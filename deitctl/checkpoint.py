@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deitctl.errors import RecipeError, UserError
+from deitctl.errors import RecipeError, UserError, plain_text
 
 if TYPE_CHECKING:
     from deitctl.recipe import Recipe
 
-STATE_KEYS = ("model", "state_dict", "model_ema", "module")
+STATE_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module")
+SAFE_TYPES: tuple[type, ...] = (argparse.Namespace,)
+"""Types allowed in a checkpoint beyond tensors and plain data: the official DeiT and timm
+training scripts store their command-line ``args`` (an ``argparse.Namespace``)."""
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -56,15 +60,18 @@ def load_file(path: str | Path) -> Any:
         except Exception as exc:
             raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_TYPES)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = plain_text(str(exc)).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise UserError(
             f"{path}: refused: the file holds pickled objects beyond tensors and plain data, "
             f"which could run code when loaded ({first[:200]})"
-        ) from None
+        ) from exc
     except Exception as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+        detail = plain_text(str(exc))[:200]
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {detail})") from exc
 
 
 def extract_state_dict(obj: Any, path: str | Path, prefer: tuple[str, ...] = STATE_KEYS) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """``deitctl compare``: finished (or running) runs side by side, as in the paper's Table 3.
 
-A run directory is what ``deitctl train`` writes (DESIGN.md, "Output directory"):
+A run directory is what ``deitctl train`` writes (README, "Output directory"; :mod:`deitctl.rundir`):
 ``recipe.toml`` (the resolved recipe), ``metrics.jsonl`` (one object per epoch),
 ``last.pt`` and ``best.pt``. Everything shown comes from ``recipe.toml`` and
 ``metrics.jsonl``; a checkpoint is read (``weights_only=True``) only when one of them

@@ -14,7 +14,8 @@ import os
 import random
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,30 @@ def per_class_subset(dataset: Any, limit: int) -> Any:
     subset = Subset(dataset, keep)
     subset.targets = [targets[i] for i in keep]  # type: ignore[attr-defined]
     return subset
+
+
+def without_files(dataset: Any, paths: Collection[str]) -> Any:
+    """``dataset`` (a DatasetFolder-like one, through Subsets) without the samples read from
+    ``paths``; the same object when none of them is used."""
+    base, indices = base_and_indices(dataset)
+    keep = [i for i in indices if str(base.samples[i][0]) not in paths]
+    if len(keep) == len(indices):
+        return dataset
+    subset = Subset(base, keep)
+    subset.targets = [base.targets[i] for i in keep]  # type: ignore[attr-defined]
+    return subset
+
+
+def empty_class_folders(dataset: Any) -> list[str]:
+    """The classes of ``dataset`` (through Subsets) that have no images, as paths when the
+    dataset has a ``root`` (``ROOT/<split>/<class>``), else as names."""
+    base, _ = base_and_indices(dataset)
+    targets, classes = getattr(base, "targets", None), getattr(base, "classes", None)
+    if targets is None or not classes:
+        return []
+    counts = Counter(targets)
+    root = getattr(base, "root", None)
+    return [os.path.join(str(root), str(c)) if root else str(c) for i, c in enumerate(classes) if not counts.get(i)]
 
 
 # --------------------------------------------------------------------------- batch-level ToTensor + Normalize

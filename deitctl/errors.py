@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without terminal escape codes (some libraries put them in their messages)."""
+    return _ANSI.sub("", text)
+
 
 class DeitctlError(Exception):
     """Base class: a message for the user, and the exit code it maps to."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from deitctl.data import base_and_indices
+from deitctl.data import base_and_indices, unreadable_errors
 
 _CACHED_MODES = {"L": 1, "RGB": 3, "RGBA": 4}  # modes stored as plain bytes, h x w x channels
 _MODE_OF_CHANNELS = {c: mode for mode, c in _CACHED_MODES.items()}
@@ -65,8 +65,10 @@ class DecodedImages:
         unique = list(dict.fromkeys(paths))
         chunks = [unique[i : i + 256] for i in range(0, len(unique), 256)]
         with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL decodes without the GIL
-            arrays = [a for chunk in pool.map(self._decode_all, chunks) for a in chunk]
-        kept = [(path, a) for path, a in zip(unique, arrays) if a is not None]
+            decoded = [a for chunk in pool.map(self._decode_all, chunks) for a in chunk]
+        self.unreadable = {path: a for path, a in zip(unique, decoded) if isinstance(a, str)}
+        """Files the loader could not read: path -> the error."""
+        kept = [(path, a) for path, a in zip(unique, decoded) if isinstance(a, np.ndarray)]
         self.index = {path: i for i, (path, _) in enumerate(kept)}
         self.shapes = np.array([a.shape + (1,) * (3 - a.ndim) for _, a in kept], dtype=np.int64).reshape(-1, 3)
         sizes = self.shapes.prod(axis=1)
@@ -77,13 +79,16 @@ class DecodedImages:
         self.uncached = len(unique) - len(kept)
         self.seconds = time.perf_counter() - started
 
-    def _decode_all(self, paths: Sequence[str]) -> list[np.ndarray | None]:
-        out: list[np.ndarray | None] = []
+    def _decode_all(self, paths: Sequence[str]) -> list[np.ndarray | str | None]:
+        """Pixels, or the error of an unreadable file, or None (a mode left to the loader)."""
+        out: list[np.ndarray | str | None] = []
         for path in paths:
             try:
                 img = self.loader(path)
                 out.append(np.asarray(img, dtype=np.uint8) if img.mode in _CACHED_MODES else None)
-            except Exception:  # unreadable: the wrapped loader reports it when the image is drawn
+            except unreadable_errors() as exc:
+                out.append(f"{type(exc).__name__}: {exc}")
+            except Exception:  # the wrapped loader raises it again when the image is drawn
                 out.append(None)
         return out
 
@@ -126,5 +131,17 @@ def cache_decoded(dataset: Any, *, limit_mb: float, threads: int = 1) -> str:
         )
     cache = DecodedImages(loader, paths, threads)
     base.loader = cache
-    left = f"; {cache.uncached} left to the loader (unreadable or not L/RGB/RGBA)" if cache.uncached else ""
+    other = cache.uncached - len(cache.unreadable)
+    left = f"; {other} in other modes left to the loader" if other else ""
     return f"{len(cache):,} images decoded into RAM ({cache.nbytes / 2**20:,.1f} MB in {cache.seconds:.1f} s){left}"
+
+
+def unreadable_found(dataset: Any) -> dict[str, str]:
+    """The files the start-up decode of ``dataset`` (:func:`cache_decoded`) could not read,
+    with their errors; empty when it was not decoded at start-up."""
+    base, indices = base_and_indices(dataset)
+    cache = getattr(base, "loader", None)
+    if not isinstance(cache, DecodedImages) or not cache.unreadable:
+        return {}
+    used = {str(base.samples[i][0]) for i in indices}
+    return {path: error for path, error in cache.unreadable.items() if path in used}

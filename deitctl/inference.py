@@ -19,7 +19,7 @@ from deitctl.assembly import (
     has_dist_token,
     normalization,
 )
-from deitctl.checkpoint import extract_state_dict, load_file, recipe_of_checkpoint
+from deitctl.checkpoint import STATE_KEYS, extract_state_dict, load_file, recipe_of_checkpoint
 from deitctl.data import make_loader, per_class_subset
 from deitctl.errors import RecipeError, UserError
 from deitctl.evaluation import evaluate
@@ -88,11 +88,8 @@ def load_student(
         state = extract_state_dict(ckpt[key], ckpt_path)
         classes = list(ckpt.get("classes") or [])
     else:
-        state = extract_state_dict(
-            ckpt,
-            ckpt_path,
-            prefer=("model_ema", "model", "state_dict") if ema else ("model", "state_dict", "model_ema"),
-        )
+        prefer = ("model_ema", "state_dict_ema", "model", "state_dict") if ema else STATE_KEYS
+        state = extract_state_dict(ckpt, ckpt_path, prefer=prefer)
         recipe = _foreign_recipe(ckpt_path, model, data, state, overrides)
         classes = []
     if data is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
@@ -92,6 +93,8 @@ def _check(value: Any, tp: Any, key: str, source: str) -> Any:
         return float(value)
     if (tp in (int, float) and isinstance(value, bool)) or not isinstance(value, tp):
         raise RecipeError(f"expected {_type_name(tp)}, got {value!r}", source=source, key=key)
+    if tp is float and not math.isfinite(value):
+        raise RecipeError(f"expected a finite number, got {value!r}", source=source, key=key)
     return value
 
 

@@ -1,63 +1,141 @@
-"""``deitctl train`` without the terminal: a recipe's teacher first when the recipe says how,
-then the run itself, in its run directory."""
+"""``deitctl train`` without the terminal: claim the run directory, train the recipe's
+teacher first when the recipe says how, then the run itself."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
-from deitctl.distributed import World, barrier
-from deitctl.errors import RecipeError
+from deitctl.distributed import World, barrier, broadcast_object
+from deitctl.errors import RecipeError, UserError
 from deitctl.events import Reporter
 from deitctl.recipe import Recipe, load_recipe
-from deitctl.rundir import RunDir
+from deitctl.rundir import LAST, RunDir, RunLock
 from deitctl.trainer import Trainer, TrainResult
 
 MAX_TEACHER_DEPTH = 2
+Start = Literal["new", "resume", "overwrite", "auto"]
+"""How to treat a directory that holds a run: refuse it (``new``), continue it (``resume``),
+replace it (``overwrite``), or continue it when there is one and start otherwise (``auto``)."""
 
 
 def _silent(message: str) -> None:
     pass
 
 
+def claim(recipe: Recipe, start: Start, say: Callable[[str], None] = _silent) -> tuple[RunLock, bool]:
+    """Lock the run directory (one run per directory) and decide whether to resume.
+
+    A directory that holds a run is refused unless ``start`` says what to do; a refusal
+    changes nothing in it. Returns the held lock and whether to resume."""
+    out = recipe.output_dir
+    run_dir, lock = RunDir(out), RunLock(out)
+    if out.is_dir() and (holder := lock.holder()):
+        raise UserError(
+            f"{out}: another deitctl run is using this directory ({holder}); "
+            "wait for it to end, or give this run another --output-dir"
+        )
+    if start == "new" and out.is_dir() and run_dir.holds_run():
+        raise _refusal(run_dir)
+    RunDir.prepare(recipe)
+    lock.acquire()
+    try:
+        holds = run_dir.holds_run()  # again, now that no one else can start here
+        if start == "new" and holds:
+            raise _refusal(run_dir)
+        has_last = (run_dir / LAST).is_file()
+        if start == "resume" and not has_last:
+            raise UserError(f"{run_dir / LAST}: nothing to resume (no last.pt in the output directory)")
+        if start == "overwrite" and holds:
+            say(f"warning: --overwrite: starting afresh in {out}, replacing {', '.join(run_dir.existing_run())}")
+            run_dir.clear()
+        if start == "auto":
+            say(f"--auto-resume: {'continuing the run' if has_last else 'no run to continue; starting'} in {out}")
+    except BaseException:
+        lock.release()
+        raise
+    return lock, start == "resume" or (start == "auto" and has_last)
+
+
+def _refusal(run_dir: RunDir) -> UserError:
+    found = ", ".join(run_dir.existing_run())
+    return UserError(
+        f"{run_dir.path} holds a run ({found}); nothing was changed. Continue it with --resume, "
+        "start afresh with --overwrite (replaces those files), or use --auto-resume (continues a run "
+        "when there is one, starts otherwise)"
+    )
+
+
+def _claim_everywhere(
+    recipe: Recipe, start: Start, world: World, say: Callable[[str], None]
+) -> tuple[RunLock | None, bool]:
+    """Rank 0 claims the directory; every rank learns the decision (or the refusal)."""
+    lock, resume, error = None, False, None
+    if world.is_main:
+        try:
+            lock, resume = claim(recipe, start, say)
+        except UserError as exc:
+            error = exc
+    message, resume = broadcast_object((str(error) if error else None, resume))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
+    return lock, resume
+
+
+def _train_teacher_first(
+    recipe: Recipe, world: World, reporter: Callable[[Recipe], Reporter], say: Callable[[str], None], depth: int
+) -> None:
+    """When the teacher's checkpoint does not exist and ``[teacher] recipe`` says how, train it
+    (continuing its run when one was interrupted)."""
+    t = recipe.teacher
+    if not (recipe.uses_teacher and t is not None and t.recipe and not Path(t.checkpoint).is_file()):
+        return
+    if depth >= MAX_TEACHER_DEPTH:
+        raise RecipeError("teacher recipes nest too deeply", source=recipe.source, key="teacher.recipe")
+    if not Path(t.recipe).is_file():
+        raise RecipeError(f"no such teacher recipe {t.recipe!r}", source=recipe.source, key="teacher.recipe")
+    say(f"training the teacher first: {t.recipe} (no {t.checkpoint} yet)")
+    teacher_run = run_training(
+        load_recipe(t.recipe), start="auto", world=world, reporter=reporter, say=say, depth=depth + 1
+    )
+    barrier()
+    if not Path(t.checkpoint).is_file():
+        raise RecipeError(
+            f"the teacher recipe {t.recipe} ran into {teacher_run.output_dir} but {t.checkpoint} does not exist",
+            source=recipe.source,
+            key="teacher.checkpoint",
+        )
+
+
 def run_training(
     recipe: Recipe,
     *,
-    resume: bool = False,
+    start: Start = "new",
     world: World | None = None,
     reporter: Callable[[Recipe], Reporter] = lambda recipe: Reporter(),
     say: Callable[[str], None] = _silent,
     depth: int = 0,
 ) -> TrainResult:
-    """Train ``recipe``; when its teacher checkpoint does not exist and ``[teacher] recipe``
-    names a recipe that trains it, train that first. ``reporter`` makes each run's progress
-    reporter; ``say`` receives the warnings and notes for the user (main process only)."""
+    """Train ``recipe`` in its run directory (see :func:`claim` for ``start``), its teacher
+    first when needed. ``reporter`` makes each run's progress reporter; ``say`` receives the
+    warnings and notes for the user (main process only)."""
     world = world or World()
     say = say if world.is_main else _silent
     for warning in recipe.warnings:
         say(f"warning: {warning}")
-    t = recipe.teacher
-    if recipe.uses_teacher and t is not None and t.recipe and not Path(t.checkpoint).is_file():
-        if depth >= MAX_TEACHER_DEPTH:
-            raise RecipeError("teacher recipes nest too deeply", source=recipe.source, key="teacher.recipe")
-        if not Path(t.recipe).is_file():
-            raise RecipeError(f"no such teacher recipe {t.recipe!r}", source=recipe.source, key="teacher.recipe")
-        say(f"training the teacher first: {t.recipe} (no {t.checkpoint} yet)")
-        teacher_run = run_training(load_recipe(t.recipe), world=world, reporter=reporter, say=say, depth=depth + 1)
-        barrier()
-        if not Path(t.checkpoint).is_file():
-            raise RecipeError(
-                f"the teacher recipe {t.recipe} ran into {teacher_run.output_dir} but {t.checkpoint} does not exist",
-                source=recipe.source,
-                key="teacher.checkpoint",
-            )
-    if world.is_main:
-        RunDir.prepare(recipe)
-    barrier()
-    trainer = Trainer(recipe, reporter(recipe), world=world)
+    lock, resume = _claim_everywhere(recipe, start, world, say)
     try:
-        result = trainer.fit(resume=resume)
+        _train_teacher_first(recipe, world, reporter, say, depth)
+        trainer = Trainer(recipe, reporter(recipe), world=world)
+        try:
+            result = trainer.fit(resume=resume)
+        finally:
+            trainer.close()  # the loaders' workers are done
+        barrier()
+        return result
     finally:
-        trainer.close()  # the loaders' workers are done
-    barrier()
-    return result
+        if lock is not None:
+            lock.release()

@@ -1,4 +1,4 @@
-"""The run directory: what a run leaves on disk (DESIGN.md, "Output directory"), written so
+"""The run directory: what a run leaves on disk (README, "Output directory"), written so
 that a killed process never leaves a broken run.
 
 ``last.pt`` is the commit point. Each epoch appends its line to ``metrics.jsonl``, then
@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -21,7 +23,8 @@ from deitctl.errors import RecipeError, RunError, UserError
 from deitctl.recipe import Recipe
 
 CHECKPOINT_FORMAT = "deitctl-checkpoint-1"
-LAST, BEST, METRICS, RECIPE = "last.pt", "best.pt", "metrics.jsonl", "recipe.toml"
+LAST, BEST, METRICS, RECIPE, LOCK = "last.pt", "best.pt", "metrics.jsonl", "recipe.toml", ".deitctl.lock"
+LOCK_WAIT_S = 5.0  # a restarted group's new process may find the old one still exiting
 
 
 def _strip_compile(state: dict[str, Any]) -> dict[str, Any]:
@@ -67,6 +70,73 @@ def checkpoint_payload(
     }
 
 
+class RunLock:
+    """One run per directory: an exclusive ``flock`` on ``OUTPUT_DIR/.deitctl.lock``, which
+    the OS releases when the process ends, however it ends (a dead holder never blocks). The
+    file names the holder (host, pid, start time); it is left in place after the run."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / LOCK
+        self._file: IO[str] | None = None
+
+    @staticmethod
+    def _try_lock(f: IO[str]) -> bool:
+        import fcntl
+
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def holder(self, wait_s: float = 0.0) -> str | None:
+        """Who holds the lock now (``host H, pid P, since T``), or None; changes nothing."""
+        if not self.path.exists():
+            return None
+        deadline = time.monotonic() + wait_s
+        with open(self.path, encoding="utf-8") as f:
+            while not self._try_lock(f):
+                if time.monotonic() >= deadline:
+                    return self._describe(f)
+                time.sleep(0.2)
+        return None
+
+    @staticmethod
+    def _describe(f: IO[str]) -> str:
+        f.seek(0)
+        try:
+            info = json.loads(f.read() or "{}")
+        except json.JSONDecodeError:
+            info = {}
+        since = info.get("started", "?")
+        return f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, since {since}"
+
+    def acquire(self, wait_s: float = LOCK_WAIT_S) -> None:
+        """Take the lock or raise a :class:`UserError` naming the holder."""
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the run's life)
+        deadline = time.monotonic() + wait_s
+        while not self._try_lock(f):
+            if time.monotonic() >= deadline:
+                holder = self._describe(f)
+                f.close()
+                raise UserError(
+                    f"{self.path.parent}: another deitctl run is using this directory ({holder}); "
+                    "wait for it to end, or give this run another --output-dir"
+                )
+            time.sleep(0.2)
+        f.seek(0)
+        f.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started}) + "\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the flock
+            self._file = None
+
+
 class RunDir:
     """One run's output directory. Only the main process (``is_main``) writes."""
 
@@ -92,6 +162,27 @@ class RunDir:
                 key="run.output_dir",
             ) from exc
         return RunDir(out)
+
+    def existing_run(self) -> list[str]:
+        """What of a run the directory holds (``last.pt (epoch 3)``, ...); empty when none."""
+        found = []
+        for name in (LAST, BEST):
+            if (self / name).is_file():
+                written = time.strftime("%Y-%m-%d %H:%M", time.localtime((self / name).stat().st_mtime))
+                found.append(f"{name} (written {written})")
+        if (self / METRICS).is_file():
+            lines = [line for line in (self / METRICS).read_text(encoding="utf-8").splitlines() if line.strip()]
+            found.append(f"{METRICS} ({len(lines)} epoch{'s' if len(lines) != 1 else ''})")
+        return found
+
+    def holds_run(self) -> bool:
+        """A run lives here: ``last.pt`` or ``metrics.jsonl``."""
+        return (self / LAST).is_file() or (self / METRICS).is_file()
+
+    def clear(self) -> None:
+        """Remove a previous run's checkpoints and metrics (``--overwrite``)."""
+        for name in (LAST, BEST, METRICS):
+            (self / name).unlink(missing_ok=True)
 
     def last_checkpoint(self) -> dict[str, Any]:
         """``last.pt``, to resume from."""

@@ -1,4 +1,4 @@
-"""The recipe schema: sections and their keys, with the paper's defaults (DESIGN.md).
+"""The recipe schema: sections and their keys, with the paper's defaults (README, "Recipes").
 
 Sections that name a plugin (see :data:`deitctl.kinds.KINDS`) pass every key they do not
 own to that plugin's factory; those keys land in the section's ``options``.
@@ -30,6 +30,12 @@ class RunSection:
         choices=("fp32", "bf16", "fp16", "auto"),
     )
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)", min=1)
+    checkpoint_every: int = _f(
+        0,
+        "also commit last.pt every N optimizer updates inside an epoch, so a killed run loses at most N "
+        "updates (0: at epoch ends only)",
+        min=0,
+    )
     compile: bool = _f(False, "torch.compile the student and the teacher")
     channels_last: bool = _f(False, "channels_last memory format for the teacher")
     attention: str = _f(

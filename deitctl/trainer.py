@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ from deitctl.evaluation import evaluate
 from deitctl.events import Reporter, StepClock, StopRequest
 from deitctl.optim import make_optimizer, make_scheduler, optimizer_implementation, scaled_lr, scheduler_epoch_after
 from deitctl.recipe import Recipe
-from deitctl.rng import rng_state, seed_everything, set_rng_state
-from deitctl.rundir import RunDir, checkpoint_payload
+from deitctl.rng import seed_everything
+from deitctl.rundir import RunDir
 from deitctl.runtime import (
     autocast_factory,
     configure_process,
@@ -29,6 +29,7 @@ from deitctl.runtime import (
     resolve_precision,
     set_attention,
 )
+from deitctl.train_state import Position, TrainState
 
 
 @dataclass
@@ -37,20 +38,6 @@ class TrainResult:
     best_acc1: float
     last: dict[str, Any]
     epochs_run: int
-
-
-@dataclass
-class Position:
-    """Where the run stands: what a checkpoint restores besides the weights."""
-
-    start_epoch: int = 0
-    best_acc1: float = -1.0
-    num_updates: int = 0
-    skipped_steps: int = 0
-    resume_step: int = 0
-    """Steps of ``start_epoch`` already done (a mid-epoch resume)."""
-    resume_partial: dict[str, float] = field(default_factory=dict)
-    """Their loss sum, image count and time."""
 
 
 class Trainer:
@@ -69,7 +56,9 @@ class Trainer:
         self._setup_speed()
         self._setup_models()
         self._setup_optimization()
-        self.position = Position()
+        self.train_state = TrainState(
+            self.recipe, self.parts, self.world, self.student, self.ema, self.optimizer, self.scheduler, self.scaler
+        )
 
     # ---------------------------------------------------------------- setup
 
@@ -140,72 +129,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoint state
 
-    def state(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint of the run after ``epoch`` (the last finished one)."""
-        p, pos = self.parts, self.position
-        return checkpoint_payload(
-            model=self.student.state_dict(),
-            model_ema=self.ema.module.state_dict() if self.ema is not None else None,
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict(),
-            epoch=epoch,
-            num_updates=pos.num_updates,
-            best_acc1=pos.best_acc1,
-            metrics=metrics,
-            rng=rng_state(),
-            recipe=self.recipe,
-            classes=p.classes,
-            mean=p.mean,
-            std=p.std,
-        )
+    @property
+    def position(self) -> Position:
+        """Where the run stands (epoch, updates, best top-1, a mid-epoch resume)."""
+        return self.train_state.position
 
-    def resume(self, ckpt: dict[str, Any], path: Path) -> None:
-        """Weights, optimizer, schedule, scaler, RNGs and position from a checkpoint."""
-        try:
-            self.student.load_state_dict(ckpt["model"])
-            if self.ema is not None and ckpt.get("model_ema"):
-                self.ema.module.load_state_dict(ckpt["model_ema"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            if self.scaler.is_enabled() and ckpt.get("scaler"):
-                self.scaler.load_state_dict(ckpt["scaler"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise UserError(
-                f"{path}: cannot resume this recipe from it ({type(exc).__name__}: {str(exc)[:300]})"
-            ) from exc
-        self.position = Position(
-            start_epoch=int(ckpt["epoch"]) + 1,
-            best_acc1=float(ckpt.get("best_acc1", -1.0)),
-            num_updates=int(ckpt.get("num_updates", 0)),
-            resume_step=int(ckpt.get("resume_step", 0)),
-            resume_partial=dict(ckpt.get("resume_partial", {})),
-        )
-        self._warn_changed_settings(ckpt.get("recipe", ""))
-        set_rng_state(ckpt["rng"])
-
-    def _warn_changed_settings(self, saved_text: str) -> None:
-        """On resume, optimizer and schedule state come from the checkpoint."""
-        from deitctl.tomlio import parse_toml
-
-        try:
-            saved = parse_toml(saved_text, "checkpoint")
-        except Exception:
-            return
-        now = self.recipe.to_dict()
-        changed = [
-            f"{section}.{key}"
-            for section in ("optimizer", "schedule")
-            for key, value in now.get(section, {}).items()
-            if saved.get(section, {}).get(key, value) != value
-        ]
-        if saved.get("run", {}).get("epochs", self.recipe.run.epochs) != self.recipe.run.epochs:
-            changed.append("run.epochs")
-        if changed:
-            self.reporter.log(
-                "warning: resuming keeps the checkpoint's optimizer and schedule state; changed settings "
-                f"not applied to them: {', '.join(changed)}"
-            )
+    def state(
+        self, epoch: int, metrics: dict[str, Any], *, resume_step: int = 0, partial: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint after ``epoch`` (:meth:`TrainState.capture`; collective under DDP)."""
+        return self.train_state.capture(epoch, metrics, resume_step=resume_step, partial=partial)
 
     # ---------------------------------------------------------------- the loop
 
@@ -217,7 +150,8 @@ class Trainer:
             return self._fit(resume)
         except BadImageError as exc:
             raise UserError(
-                f'data: {clean_error_message(exc)}; set [data] bad_images = "skip" to skip unreadable images'
+                f'data: {clean_error_message(exc)}; set [data] bad_images = "skip" to skip unreadable images, '
+                f"or run `deitctl data check {self.recipe.data.root}` to list every unreadable file before training"
             ) from exc
         finally:
             self.reporter.close()
@@ -231,7 +165,11 @@ class Trainer:
             for epoch in range(pos.start_epoch, r.run.epochs):
                 train_metrics = self.train_one_epoch(epoch, stop)
                 if "stopped_at" in train_metrics:
-                    self._commit_stop(epoch, train_metrics)
+                    self._commit_partial(epoch, train_metrics["stopped_at"], train_metrics["partial"])
+                    self.reporter.log(
+                        f"stopped at epoch {epoch + 1}, step {train_metrics['stopped_at']}; saved "
+                        f"{self.run_dir / 'last.pt'} (continue with --resume)"
+                    )
                     epoch -= 1
                     break
                 last_metrics = self._end_epoch(epoch, train_metrics)
@@ -249,8 +187,13 @@ class Trainer:
         """Resume when asked, prepare the run directory, and log what runs."""
         r = self.recipe
         if resume:
-            self.resume(self.run_dir.last_checkpoint(), self.run_dir / "last.pt")
+            self.train_state.restore(self.run_dir.last_checkpoint(), self.run_dir / "last.pt")
             pos = self.position
+            if changed := self.train_state.changed_settings():
+                self.reporter.log(
+                    "warning: resuming keeps the checkpoint's optimizer and schedule state; changed settings "
+                    f"not applied to them: {', '.join(changed)}"
+                )
             where = f"epoch {pos.start_epoch + 1}" + (f", step {pos.resume_step + 1}" if pos.resume_step else "")
             self.reporter.log(f"resuming from {self.run_dir / 'last.pt'} at {where}")
         self.run_dir.begin(r, resume_epoch=self.position.start_epoch if resume else None)
@@ -268,16 +211,12 @@ class Trainer:
             + (", freed host memory kept for reuse" if self.retains_host_memory else "")
         )
 
-    def _commit_stop(self, epoch: int, train_metrics: dict[str, Any]) -> None:
-        """A stop in the middle of ``epoch``: ``last.pt`` records the steps done."""
+    def _commit_partial(self, epoch: int, resume_step: int, partial: dict[str, float]) -> None:
+        """``last.pt`` in the middle of ``epoch``, after ``resume_step`` of its steps (a stop
+        request, or ``run.checkpoint_every``): ``--resume`` continues exactly from there."""
+        state = self.state(epoch - 1, {}, resume_step=resume_step, partial=partial)
         if self.world.is_main:
-            state = self.state(epoch - 1, {})
-            state.update(resume_step=train_metrics["stopped_at"], resume_partial=train_metrics["partial"])
             self.run_dir.commit_partial(state)
-        self.reporter.log(
-            f"stopped at epoch {epoch + 1}, step {train_metrics['stopped_at']}; saved {self.run_dir / 'last.pt'} "
-            "(continue with --resume)"
-        )
 
     def _end_epoch(self, epoch: int, train_metrics: dict[str, Any]) -> dict[str, Any]:
         """Evaluate when due, then commit the epoch (metrics line, best.pt, last.pt)."""
@@ -292,12 +231,15 @@ class Trainer:
         skipped = self.parts.train_loader.dataset.skipped.value  # type: ignore[attr-defined]
         if skipped:
             metrics["skipped_images"] = skipped
+        if self.parts.dropped_images:
+            metrics["dropped_images"] = self.parts.dropped_images
         improved = "acc1" in eval_metrics and eval_metrics["acc1"] > pos.best_acc1
         if improved:
             pos.best_acc1 = eval_metrics["acc1"]
         metrics["best_acc1"] = pos.best_acc1
+        state = self.state(epoch, metrics)
         if self.world.is_main:
-            self.run_dir.commit_epoch(metrics, self.state(epoch, metrics), improved=improved)
+            self.run_dir.commit_epoch(metrics, state, improved=improved)
         self.reporter.epoch_end(metrics)
         return metrics
 
@@ -315,15 +257,20 @@ class Trainer:
         seen, elapsed0 = int(partial.get("seen", 0)), float(partial.get("elapsed", 0.0))
         started, stopped_at = time.perf_counter(), None
         self.optimizer.zero_grad(set_to_none=True)
+        every = self.recipe.run.checkpoint_every
         for step, (images, targets) in enumerate(loader, start=skip):
             loss_value = self.train_step(images, targets, epoch=epoch, step=step)
             total_loss += loss_value * images.shape[0]
             seen += images.shape[0]
             self.reporter.step(images.shape[0] * self.world_size, loss_value, self.optimizer.param_groups[0]["lr"])
-            update = (step + 1) % self.accumulate == 0
-            if update and step + 1 < steps and any_rank(stop.requested, self.device):
+            if (step + 1) % self.accumulate or step + 1 == steps:
+                continue  # not an update boundary, or the epoch's end (committed with the epoch)
+            if any_rank(stop.requested, self.device):
                 stopped_at = step + 1
                 break
+            if every and pos.num_updates % every == 0:
+                done = {"loss_sum": total_loss, "seen": seen, "elapsed": elapsed0 + time.perf_counter() - started}
+                self._commit_partial(epoch, step + 1, done)
         elapsed = elapsed0 + time.perf_counter() - started
         total_all, seen_all = all_reduce_sum([total_loss, float(seen)], self.device)
         out: dict[str, Any] = {

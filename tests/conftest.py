@@ -8,12 +8,20 @@ quick pass.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -64,3 +72,126 @@ def free_port() -> int:
 @pytest.fixture
 def sample() -> Path:
     return SAMPLE
+
+
+# --------------------------------------------------------------------------- tiny runs in subprocesses
+
+TINY = HOSTILE / "tiny.toml"
+"""The base recipe of the reliability tests: a 1-block DeiT on 32 px images, one epoch."""
+PLUGIN_MODULE = "deitctl_hostile_plugins"
+"""tests/hostile/deitctl_hostile_plugins.py, loaded with ``DEITCTL_PLUGINS``."""
+
+
+def train_args(out: Path, *sets: str, root: Path = SAMPLE, resume: bool = False) -> list[str]:
+    args = ["train", str(TINY), "--output-dir", str(out), "--set", f"data.root={json.dumps(str(root))}"]
+    for item in sets:
+        args += ["--set", item]
+    return args + (["--resume"] if resume else [])
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("DEITCTL_PLUGINS", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(HOSTILE), *filter(None, [env.get("PYTHONPATH")])])
+    env["DEITCTL_PLUGINS"] = PLUGIN_MODULE
+    env.update(extra)
+    return env
+
+
+def spawn(args: list[str], **env: str) -> subprocess.Popen:
+    """``python -m deitctl ARGS`` in its own session (so that a signal to its group hits
+    its data-loader workers too, and nothing else)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "deitctl", *args],
+        cwd=ROOT,
+        env=subprocess_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """Whatever happens in the block, the process group is gone after it."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"deitctl did not finish in {timeout} s:\n{output}")
+    return proc.returncode, output
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240, poll: float = 0.005) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"deitctl exited ({proc.returncode}) before {what}:\n{output}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(poll)
+
+
+def metrics_lines(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    try:
+        return path.read_text(encoding="utf-8").count("\n")
+    except FileNotFoundError:
+        return 0
+
+
+def epochs_in_metrics(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["epoch"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_ckpt(path: Path) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert isinstance(ckpt, dict) and ckpt["format"] == "deitctl-checkpoint-1", path
+    for name, value in ckpt["model"].items():
+        assert torch.isfinite(value).all(), f"{path}: {name} is not finite"
+    return ckpt
+
+
+def file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def copy_images(base: Path, split: str, cls: str, count: int, start: int = 0) -> Path:
+    folder = base / split / cls
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + count):
+        shutil.copy(SAMPLE / split / cls / f"{i:04d}.jpg", folder / f"{i:04d}.jpg")
+    return folder
+
+
+SMALL_ROOT_SETS = ("data.train_per_class=0", "data.val_per_class=0", "data.batch_size=4")
+"""Every image of a :func:`small_root`, in batches of 4: with 8 training images none is dropped."""
+
+
+def small_root(base: Path, classes=("cat", "dog"), train: int = 4, val: int = 1) -> Path:
+    """An ImageFolder tree of real CIFAR-10 images: train/<class>/*.jpg, val/<class>/*.jpg."""
+    for cls in classes:
+        copy_images(base, "train", cls, train)
+        copy_images(base, "val", cls, val)
+    return base

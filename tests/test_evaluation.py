@@ -20,15 +20,21 @@ def _batches() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor([dataset.targets[i] for i in picks])
 
 
-def test_each_heads_agreement_with_the_teacher_is_reported():
+def _evaluate(student_model: str):
+    """A tiny student and teacher on 40 real images: (student, teacher, images, targets, metrics)."""
     torch.manual_seed(0)
     student = timm.create_model(
-        "deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=10
+        student_model, img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=10
     ).eval()
     teacher = timm.create_model("resnet18", num_classes=10, channels=[8, 16, 32, 64]).eval()
     images, targets = _batches()
     loader = DataLoader(TensorDataset(images, targets), batch_size=16)
     metrics = evaluate(student, loader, num_classes=10, device=torch.device("cpu"), teacher=teacher)
+    return student, teacher, images, targets, metrics
+
+
+def test_each_heads_agreement_with_the_teacher_is_reported():
+    student, teacher, images, targets, metrics = _evaluate("deit_tiny_distilled_patch16_224")
 
     with torch.no_grad():
         tokens = student.forward_features(images)
@@ -46,18 +52,6 @@ def test_each_heads_agreement_with_the_teacher_is_reported():
 
 
 def test_a_student_without_a_distillation_token_has_no_head_agreements():
-    torch.manual_seed(0)
-    student = timm.create_model(
-        "deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=10
-    ).eval()
-    teacher = timm.create_model("resnet18", num_classes=10, channels=[8, 16, 32, 64]).eval()
-    images, targets = _batches()
-    metrics = evaluate(
-        student,
-        DataLoader(TensorDataset(images, targets), batch_size=16),
-        num_classes=10,
-        device=torch.device("cpu"),
-        teacher=teacher,
-    )
+    *_, metrics = _evaluate("deit_tiny_patch16_224")
     assert "teacher_agreement" in metrics
     assert "teacher_agreement_cls" not in metrics and "teacher_agreement_dist" not in metrics

@@ -34,132 +34,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HOSTILE, ROOT, SAMPLE, cli
+from conftest import (
+    HOSTILE,
+    PLUGIN_MODULE,
+    SAMPLE,
+    SMALL_ROOT_SETS,
+    cli,
+    epochs_in_metrics,
+    file_id,
+    finish,
+    load_ckpt,
+    metrics_lines,
+    reaped,
+    small_root,
+    spawn,
+    subprocess_env,
+    train_args,
+    wait_for,
+)
 
-TINY = HOSTILE / "tiny.toml"
-PLUGIN_MODULE = "deitctl_hostile_plugins"
-CKPT_NAMES = {"last.pt", "best.pt", "metrics.jsonl", "recipe.toml"}
+CKPT_NAMES = {"last.pt", "best.pt", "metrics.jsonl", "recipe.toml", ".deitctl.lock"}
 # what a killed process may leave behind: save_checkpoint's temporary files and the
 # output-directory write probe; neither ends in ".pt", so neither passes for a checkpoint
 LEFTOVER = re.compile(r"\.(last|best)\.pt\.\d+\.tmp|\.write-test-\d+")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def train_args(out: Path, *sets: str, root: Path = SAMPLE, resume: bool = False) -> list[str]:
-    args = ["train", str(TINY), "--output-dir", str(out), "--set", f"data.root={json.dumps(str(root))}"]
-    for item in sets:
-        args += ["--set", item]
-    return args + (["--resume"] if resume else [])
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("DEITCTL_PLUGINS", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(HOSTILE), *filter(None, [env.get("PYTHONPATH")])])
-    env["DEITCTL_PLUGINS"] = PLUGIN_MODULE
-    env.update(extra)
-    return env
-
-
-def spawn(args: list[str], **env: str) -> subprocess.Popen:
-    """``python -m deitctl ARGS`` in its own session (so that a signal to its group hits
-    its data-loader workers too, and nothing else)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "deitctl", *args],
-        cwd=ROOT,
-        env=subprocess_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-@contextlib.contextmanager
-def reaped(proc: subprocess.Popen):
-    """Whatever happens in the block, the process group is gone after it."""
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"deitctl did not finish in {timeout} s:\n{output}")
-    return proc.returncode, output
-
-
-def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240, poll: float = 0.005) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            output = proc.stdout.read() if proc.stdout else ""
-            pytest.fail(f"deitctl exited ({proc.returncode}) before {what}:\n{output}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(poll)
-
-
-def metrics_lines(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    try:
-        return path.read_text(encoding="utf-8").count("\n")
-    except FileNotFoundError:
-        return 0
-
-
-def epochs_in_metrics(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["epoch"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def load_ckpt(path: Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert isinstance(ckpt, dict) and ckpt["format"] == "deitctl-checkpoint-1", path
-    for name, value in ckpt["model"].items():
-        assert torch.isfinite(value).all(), f"{path}: {name} is not finite"
-    return ckpt
-
-
-def file_id(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns
-
-
-def copy_images(base: Path, split: str, cls: str, count: int, start: int = 0) -> Path:
-    folder = base / split / cls
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(start, start + count):
-        shutil.copy(SAMPLE / split / cls / f"{i:04d}.jpg", folder / f"{i:04d}.jpg")
-    return folder
-
-
-def small_root(base: Path, classes=("cat", "dog"), train: int = 4, val: int = 1) -> Path:
-    """An ImageFolder tree of real CIFAR-10 images: train/<class>/*.jpg, val/<class>/*.jpg."""
-    for cls in classes:
-        copy_images(base, "train", cls, train)
-        copy_images(base, "val", cls, val)
-    return base
-
-
-# all images of a small root, batches of 4: with 8 training images no image is dropped
-SMALL_ROOT_SETS = ("data.train_per_class=0", "data.val_per_class=0", "data.batch_size=4")
 
 
 class _Touch:
@@ -476,10 +373,15 @@ def _faulty_root(base: Path, kind: str) -> tuple[Path, Path]:
     return root, bad
 
 
-@pytest.mark.parametrize("kind,workers", [("truncated", 0), ("not_an_image", 0), ("truncated", 2)])
-def test_an_unreadable_image_stops_the_run_naming_it(kind, workers, tmp_path):
+@pytest.mark.parametrize(
+    "kind,workers,cache_mb",
+    [("truncated", 0, 2048), ("not_an_image", 0, 2048), ("truncated", 2, 0), ("not_an_image", 0, 0)],
+)
+def test_an_unreadable_image_stops_the_run_naming_it(kind, workers, cache_mb, tmp_path):
+    """Found by the start-up decode (the image cache), or, without it, when drawn."""
     root, bad = _faulty_root(tmp_path, kind)
-    code, output = cli(*train_args(tmp_path / "run", *SMALL_ROOT_SETS, f"data.num_workers={workers}", root=root))
+    sets = (*SMALL_ROOT_SETS, f"data.num_workers={workers}", f"data.cache_mb={cache_mb}")
+    code, output = cli(*train_args(tmp_path / "run", *sets, root=root))
     assert code == 2, output
     assert str(bad) in output and "bad_images" in output and "Traceback" not in output, output
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -487,9 +389,11 @@ def test_an_unreadable_image_stops_the_run_naming_it(kind, workers, tmp_path):
 
 @pytest.mark.parametrize("kind", ["truncated", "not_an_image"])
 def test_bad_images_skip_finishes_and_counts(kind, tmp_path):
+    """Without the start-up decode (``cache_mb = 0``), a bad image is skipped when drawn."""
     root, bad = _faulty_root(tmp_path, kind)
     out = tmp_path / "run"
-    code, output = cli(*train_args(out, *SMALL_ROOT_SETS, "run.epochs=2", "data.bad_images=skip", root=root))
+    sets = (*SMALL_ROOT_SETS, "run.epochs=2", "data.bad_images=skip", "data.cache_mb=0")
+    code, output = cli(*train_args(out, *sets, root=root))
     assert code == 0, output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
@@ -505,7 +409,11 @@ def test_bad_images_skip_with_workers_warns_from_the_workers(tmp_path):
     root, bad = _faulty_root(tmp_path, "truncated")
     out = tmp_path / "run"
     code, output = finish(
-        spawn(train_args(out, *SMALL_ROOT_SETS, "data.bad_images=skip", "data.num_workers=2", root=root))
+        spawn(
+            train_args(
+                out, *SMALL_ROOT_SETS, "data.bad_images=skip", "data.num_workers=2", "data.cache_mb=0", root=root
+            )
+        )
     )
     assert code == 0, output
     assert f"warning: skipping unreadable image {bad}" in output

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from deitctl import __version__
-from deitctl.errors import DeitctlError
+from deitctl.errors import DeitctlError, plain_text
 
 if TYPE_CHECKING:
     from deitctl.recipe import Recipe
@@ -88,7 +88,7 @@ def handles_errors(fn: F) -> F:
         except DeitctlError as exc:
             if debugging():
                 err.print(full_traceback(exc), end="", markup=False)
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(plain_text(str(exc)))}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
