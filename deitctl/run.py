@@ -37,20 +37,8 @@ def run_training(
     for warning in recipe.warnings:
         say(f"warning: {warning}")
     t = recipe.teacher
-    if recipe.uses_teacher and t is not None and t.recipe and not Path(t.checkpoint).is_file():
-        if depth >= MAX_TEACHER_DEPTH:
-            raise RecipeError("teacher recipes nest too deeply", source=recipe.source, key="teacher.recipe")
-        if not Path(t.recipe).is_file():
-            raise RecipeError(f"no such teacher recipe {t.recipe!r}", source=recipe.source, key="teacher.recipe")
-        say(f"training the teacher first: {t.recipe} (no {t.checkpoint} yet)")
-        teacher_run = run_training(load_recipe(t.recipe), world=world, reporter=reporter, say=say, depth=depth + 1)
-        barrier()
-        if not Path(t.checkpoint).is_file():
-            raise RecipeError(
-                f"the teacher recipe {t.recipe} ran into {teacher_run.output_dir} but {t.checkpoint} does not exist",
-                source=recipe.source,
-                key="teacher.checkpoint",
-            )
+    if recipe.uses_teacher and t is not None and not t.cache:  # with a cache, the teacher is needed for no step
+        ensure_teacher(recipe, world=world, reporter=reporter, say=say, depth=depth)
     if world.is_main:
         RunDir.prepare(recipe)
     barrier()
@@ -61,3 +49,31 @@ def run_training(
         trainer.close()  # the loaders' workers are done
     barrier()
     return result
+
+
+def ensure_teacher(
+    recipe: Recipe,
+    *,
+    world: World,
+    reporter: Callable[[Recipe], Reporter] = lambda recipe: Reporter(),
+    say: Callable[[str], None] = _silent,
+    depth: int = 0,
+) -> None:
+    """Train the recipe's teacher first when its checkpoint does not exist and
+    ``[teacher] recipe`` names a recipe that trains it."""
+    t = recipe.teacher
+    if t is None or not t.recipe or Path(t.checkpoint).is_file():
+        return
+    if depth >= MAX_TEACHER_DEPTH:
+        raise RecipeError("teacher recipes nest too deeply", source=recipe.source, key="teacher.recipe")
+    if not Path(t.recipe).is_file():
+        raise RecipeError(f"no such teacher recipe {t.recipe!r}", source=recipe.source, key="teacher.recipe")
+    say(f"training the teacher first: {t.recipe} (no {t.checkpoint} yet)")
+    teacher_run = run_training(load_recipe(t.recipe), world=world, reporter=reporter, say=say, depth=depth + 1)
+    barrier()
+    if not Path(t.checkpoint).is_file():
+        raise RecipeError(
+            f"the teacher recipe {t.recipe} ran into {teacher_run.output_dir} but {t.checkpoint} does not exist",
+            source=recipe.source,
+            key="teacher.checkpoint",
+        )
