@@ -407,4 +407,4 @@ def test_under_torchrun_teach_and_the_cached_student_equal_one_process_and_the_l
     assert_same_run(tmp_path / "live", tmp_path / "cached", ("train_loss", "acc1", "teacher_agreement"))
     # a cache for 2 processes does not serve 1
     code, output = train(tmp_path / "one-process", [*sets, with_cache(tmp_path / "ddp")])
-    assert code == 2 and "the world size (processes under torchrun): cache 2, recipe 1" in output, output
+    assert code == 2 and "the world size (processes under torchrun): cache 2, this run 1" in output, output
