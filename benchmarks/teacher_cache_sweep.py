@@ -67,10 +67,12 @@ def machine() -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="the students' epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=3)
     parser.add_argument("--train-per-class", type=int, default=200)
     parser.add_argument("--val-per-class", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="run.threads of every run (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("runs/cache-sweep"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -79,6 +81,7 @@ def main() -> None:
         f"data.train_per_class={args.train_per_class}",
         f"data.val_per_class={args.val_per_class}",
         "run.progress=none",
+        f"run.threads={args.threads}",
     ]
     teacher_ckpt = out / "teacher" / "best.pt"
     cache = out / "cache"
@@ -86,7 +89,11 @@ def main() -> None:
     timings: dict[str, float] = {}
     if not teacher_ckpt.exists():
         timings["teacher"], _ = deitctl(
-            "train", str(RECIPES / "teacher.toml"), "--output-dir", str(out / "teacher"), *sets(size)
+            "train",
+            str(RECIPES / "teacher.toml"),
+            "--output-dir",
+            str(out / "teacher"),
+            *sets([*size, f"run.epochs={args.teacher_epochs}"]),
         )
     student = [*size, f"run.epochs={args.epochs}", f"teacher.checkpoint={json.dumps(str(teacher_ckpt))}"]
     timings["teach"], _ = deitctl("teach", str(RECIPES / "deit_hard.toml"), "--cache", str(cache), *sets(student))
