@@ -14,6 +14,7 @@ a teach that was stopped continues where it stopped, and epochs taught elsewhere
 from __future__ import annotations
 
 import errno
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -227,9 +228,7 @@ def _teach_shard(stream: _Stream, cache: Path, seed: int, epoch: int, rank: int,
         logits.extend(out.float().cpu().split(layout.batch_size))
         pending.clear()
 
-    for i, (images, targets) in enumerate(loader):
-        if i == steps:
-            break
+    for i, (images, targets) in enumerate(itertools.islice(loader, steps)):
         images = images.to(stream.device, non_blocking=True)
         if stream.mixup is not None:
             targets = targets.to(stream.device, non_blocking=True)
@@ -250,6 +249,20 @@ def _teach_shard(stream: _Stream, cache: Path, seed: int, epoch: int, rank: int,
     except OSError as exc:
         raise _disk_error(cache / name, exc) from exc
     return steps * layout.batch_size
+
+
+def _whole_shard(path: Path, layout: Layout, start: int) -> bool:
+    """A shard file that is there and whole (a copy may have cut it short)."""
+    from safetensors.torch import load
+
+    if not path.is_file():
+        return False
+    steps = min(layout.shard_steps, layout.steps_per_epoch - start)
+    try:
+        tensors = load(path.read_bytes())
+    except Exception:
+        return False
+    return all(t.shape[:2] == (steps, layout.batch_size) for k, t in tensors.items() if k != "checksum")
 
 
 def _record_epoch(cache: Path, layout: Layout, epoch: int) -> None:
@@ -300,7 +313,7 @@ def teach(
         mine = units[world.rank :: world.world_size]
         epoch_started, epoch_images, kept = time.perf_counter(), 0, 0
         for rank, first in mine:
-            if (cache / layout.shard_name(epoch, rank, first)).exists():
+            if _whole_shard(cache / layout.shard_name(epoch, rank, first), layout, first):
                 kept += 1  # written by a teach that stopped before recording the epoch
                 continue
             epoch_images += _teach_shard(stream, cache, recipe.run.seed, epoch, rank, first, batch)

@@ -277,6 +277,10 @@ def test_a_partial_cache_falls_back_to_the_live_teacher_or_is_refused(teacher, t
     assert code == 2, output
     assert f"the cache lacks epoch 2; epoch 2 is partial: {shard} is 100 bytes" in output, output
     assert "--epochs 2:2" in output and not (tmp_path / "refused" / "metrics.jsonl").exists()
+    # teaching again mends it: the cut shard is taught anew
+    code, output = teach(cache, base_sets(teacher))
+    assert code == 0 and "epoch 1 taught already" in output and "there already" not in output, output
+    assert shard.read_bytes() == (taught / shard.relative_to(cache)).read_bytes()
 
 
 # --------------------------------------------------------------------------- teaching
