@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from deitctl.assembly import Parts
 from deitctl.cache_identity import CHECKPOINT, differences, state_sha256, stream_identity, teacher_identity
 from deitctl.errors import RecipeError, UserError
 from deitctl.events import StepClock
@@ -85,17 +86,7 @@ def epoch_ranges(epochs: list[int]) -> str:
 
 
 def open_cache(
-    recipe: Recipe,
-    train_dataset: Any,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    *,
-    num_classes: int,
-    steps_per_epoch: int,
-    world_size: int,
-    rank: int,
-    precision: str,
-    start_epoch: int,
+    recipe: Recipe, parts: Parts, *, world_size: int, rank: int, precision: str, start_epoch: int
 ) -> tuple[CacheReader, dict[str, Any], list[int]]:
     """The cache of ``[teacher] cache`` for this process, checked against the recipe (exit 2
     naming the keys that differ); returns it, its manifest and the epochs from
@@ -111,7 +102,9 @@ def open_cache(
         manifest, layout = read_manifest(cache)
     except UserError as exc:
         raise error(str(exc)) from None
-    now = stream_identity(recipe, train_dataset, mean, std, world_size=world_size, precision=precision)
+    train_dataset = parts.train_loader.dataset.dataset  # type: ignore[attr-defined]  # under the SeededDataset
+    num_classes, steps_per_epoch = parts.num_classes, len(parts.train_loader)
+    now = stream_identity(recipe, train_dataset, parts.mean, parts.std, world_size=world_size, precision=precision)
     now.update(teacher_identity(recipe))
     diffs = differences(manifest.get("identity", {}), now)
     if diffs:
@@ -159,10 +152,15 @@ def check_fallback_teacher(recipe: Recipe, manifest: dict[str, Any], teacher: nn
 
 
 def cached_source(
-    open_args: dict[str, Any], recipe: Recipe, build_live: Callable[[], LiveTeacher], log: Callable[[str], None]
+    recipe: Recipe,
+    parts: Parts,
+    build_live: Callable[[], LiveTeacher],
+    log: Callable[[str], None],
+    **where: Any,
 ) -> CachedTeacher:
-    """:func:`open_cache`, then the live teacher when epochs are missing (logged)."""
-    reader, manifest, missing = open_cache(recipe, **open_args)
+    """:func:`open_cache` (``where``: the process and where the run starts), then the live
+    teacher when epochs are missing (logged)."""
+    reader, manifest, missing = open_cache(recipe, parts, **where)
     t = recipe.teacher
     assert t is not None
     live = None

@@ -131,10 +131,8 @@ class Trainer:
             check_output(self.recipe, teacher, p.num_classes, "teacher")
             return self._live_teacher(teacher)
 
-        where = dict(num_classes=p.num_classes, steps_per_epoch=len(p.train_loader), precision=self.precision)
-        where.update(world_size=self.world_size, rank=self.rank, start_epoch=self.position.start_epoch)
-        where.update(train_dataset=p.train_loader.dataset.dataset, mean=p.mean, std=p.std)  # type: ignore[attr-defined]
-        return cached_source(where, self.recipe, build_live, self.reporter.log)
+        where = dict(world_size=self.world_size, rank=self.rank, start_epoch=self.position.start_epoch)
+        return cached_source(self.recipe, p, build_live, self.reporter.log, precision=self.precision, **where)
 
     def _setup_optimization(self) -> None:
         """Batch transform, label loss, optimizer, schedule and gradient scaler."""
