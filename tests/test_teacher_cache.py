@@ -338,6 +338,20 @@ def test_epochs_taught_apart_combine(teacher, taught, tmp_path):
     assert "lacks" not in output
 
 
+def test_larger_teacher_batches_give_the_same_outputs(teacher, taught, tmp_path):
+    """--teacher-batch 12: three steps' batches through the teacher at once, the same logits
+    (within float rounding) and the same input checksums."""
+    from safetensors.torch import load_file
+
+    code, output = teach(tmp_path / "big", base_sets(teacher), "--teacher-batch", "12", "--epochs", "1")
+    assert code == 0, output
+    name = "epoch-0001/rank-00.step-000000.safetensors"
+    big, one = load_file(tmp_path / "big" / name), load_file(taught / name)
+    assert big["logits"].shape == one["logits"].shape == (5, 4, 10)
+    torch.testing.assert_close(big["logits"], one["logits"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(big["checksum"], one["checksum"])
+
+
 @pytest.mark.parametrize("top_k", ["3", "0"])
 def test_top_k_storage_keeps_hard_targets_exact(top_k, teacher, tmp_path):
     """Above --full-max-classes, the argmax and the top-k logits (0: the argmax alone): a
