@@ -249,13 +249,14 @@ def build_deitctl(args: argparse.Namespace, tweaks: tuple[str, ...], output_dir:
     recipe = recipe_from_text(recipe_text(args, output_dir), "<step_vs_reference>", overrides)
     trainer = Trainer(recipe)
     if "teacher_bf16" in tweaks:  # prototype: the teacher alone in bf16, fp32 logits out
-        teacher_fp32 = trainer.teacher_forward
+        live = trainer.teachers  # a LiveTeacher: the teacher's forward on every step
+        teacher_fp32 = live.forward
 
         def teacher_bf16(x: torch.Tensor) -> torch.Tensor:
             with torch.autocast(trainer.device.type, dtype=torch.bfloat16):
                 return teacher_fp32(x).float()
 
-        trainer.teacher_forward = teacher_bf16
+        live.forward = teacher_bf16
     return trainer
 
 

@@ -26,6 +26,7 @@ from deitctl.image_cache import cache_decoded, unreadable_found
 from deitctl.kinds import kind
 from deitctl.recipe import Recipe
 from deitctl.registry import Plugin, get_registry
+from deitctl.rng import kept_rng
 from deitctl.runtime import resolve_device
 from deitctl.teacher import FrozenTeacher
 
@@ -198,7 +199,11 @@ def build_teacher(
     t = recipe.teacher
     assert t is not None
     plugin = get_registry().get("teachers", t.plugin)
-    model = _module(plugin, call_factory(plugin, {"num_classes": num_classes}, t.options, recipe, "teacher"))
+    # the teacher's random initialisation (replaced by its weights) draws from the global
+    # generators: building it or not leaves them where they were, so that a run with a
+    # teacher-output cache draws the same drop-path masks as one with the live teacher
+    with kept_rng():
+        model = _module(plugin, call_factory(plugin, {"num_classes": num_classes}, t.options, recipe, "teacher"))
     if load and t.checkpoint:
         load_weights(model, t.checkpoint, what=f"teacher ({t.plugin} {t.options.get('model', '')})".strip())
     mean, std = normalization(model)
@@ -286,14 +291,19 @@ def align_classes(dataset: Any, classes: Sequence[str]) -> list[str]:
     return unknown
 
 
+def build_train_split(recipe: Recipe, transform: Callable[[Any], Any] | None) -> tuple[Any, list[str]]:
+    """(training images, classes): the training split, ``train_per_class`` of each class."""
+    train = build_dataset(recipe, recipe.data.train_split, transform)
+    return per_class_subset(train, recipe.data.train_per_class), class_list(recipe, train)
+
+
 def build_datasets(
     recipe: Recipe, train_transform: Callable[[Any], Any] | None, val_transform: Callable[[Any], Any] | None
 ) -> tuple[Any, Any, list[str]]:
     """(train, val, classes): the validation split renumbered to the training split's classes."""
     d = recipe.data
-    train = build_dataset(recipe, d.train_split, train_transform)
+    train, classes = build_train_split(recipe, train_transform)
     val = build_dataset(recipe, d.val_split, val_transform)
-    classes = class_list(recipe, train)
     unknown = align_classes(val, classes)
     if unknown:
         raise RecipeError(
@@ -302,10 +312,10 @@ def build_datasets(
             source=recipe.source,
             key="data.val_split",
         )
-    return per_class_subset(train, d.train_per_class), per_class_subset(val, d.val_per_class), classes
+    return train, per_class_subset(val, d.val_per_class), classes
 
 
-def _decode_threads(recipe: Recipe) -> int:
+def decode_threads(recipe: Recipe) -> int:
     """Threads that fill the image cache: as many as the loader has workers, within the CPU count."""
     return max(1, min(recipe.data.num_workers, os.cpu_count() or 1))
 
@@ -342,7 +352,7 @@ def _naming_empty_folders(empty: Sequence[str]) -> Iterator[None]:
         raise UserError(str(exc) + note) from exc
 
 
-def _unreadable_up_front(recipe: Recipe, datasets: list[Any], notes: list[str]) -> tuple[list[Any], int]:
+def unreadable_up_front(recipe: Recipe, datasets: list[Any], notes: list[str]) -> tuple[list[Any], int]:
     """Unreadable images the start-up decode found: stop (``bad_images = "error"``) or leave
     them out now (``"skip"``). Returns the datasets and how many training images were left out."""
     found: dict[str, str] = {}
@@ -395,28 +405,44 @@ def assemble(recipe: Recipe, *, world: World | None = None, with_teacher: bool |
 
     d = recipe.data
     for split, ds in ((d.train_split, train_ds), (d.val_split, val_ds)):
-        if note := cache_decoded(ds, limit_mb=d.cache_mb, threads=_decode_threads(recipe)):
+        if note := cache_decoded(ds, limit_mb=d.cache_mb, threads=decode_threads(recipe)):
             notes.append(f"{split} split: {note}")
-    (train_ds, val_ds), dropped = _unreadable_up_front(recipe, [train_ds, val_ds], notes)
-    if len(train_ds) < d.batch_size * world.world_size:
+    (train_ds, val_ds), dropped = unreadable_up_front(recipe, [train_ds, val_ds], notes)
+    check_batch_count(recipe, train_ds, world.world_size)
+    train_loader = build_loader(recipe, train_ds, device, train=True, num_replicas=world.world_size, rank=world.rank)
+    val_loader = build_loader(recipe, val_ds, device, train=False, num_replicas=world.world_size, rank=world.rank)
+    return Parts(
+        recipe, device, classes, mean, std, student, strategy, aug, train_loader, val_loader, teacher, notes, dropped
+    )
+
+
+def check_batch_count(recipe: Recipe, train_ds: Any, world_size: int) -> None:
+    """At least one batch for every process."""
+    if len(train_ds) < recipe.data.batch_size * world_size:
         raise RecipeError(
             f"the training split has {len(train_ds)} images, fewer than one batch "
-            f"({d.batch_size} x {world.world_size} processes)",
+            f"({recipe.data.batch_size} x {world_size} processes)",
             source=recipe.source,
             key="data.batch_size",
         )
-    common: dict[str, Any] = dict(
+
+
+def build_loader(
+    recipe: Recipe, dataset: Any, device: torch.device, *, train: bool, num_replicas: int, rank: int
+) -> Loader:
+    """The loader of a split, for process ``rank`` of ``num_replicas``."""
+    d = recipe.data
+    return make_loader(
+        dataset,
+        batch_size=d.batch_size,
+        train=train,
+        repeats=d.repeated_aug if train else 1,
         num_workers=d.num_workers,
         pin_memory=d.pin_memory and device.type == "cuda",
-        num_replicas=world.world_size,
-        rank=world.rank,
+        num_replicas=num_replicas,
+        rank=rank,
         seed=recipe.run.seed,
         bad_images=d.bad_images,
         worker_nice=d.worker_nice,
         device=device,
-    )
-    train_loader = make_loader(train_ds, batch_size=d.batch_size, train=True, repeats=d.repeated_aug, **common)
-    val_loader = make_loader(val_ds, batch_size=d.batch_size, train=False, **common)
-    return Parts(
-        recipe, device, classes, mean, std, student, strategy, aug, train_loader, val_loader, teacher, notes, dropped
     )

@@ -16,6 +16,12 @@ Measured, each after ``warmup`` untimed steps:
     the student in eval mode (``torch.no_grad``, the recipe's precision, both
     heads as :func:`deitctl.evaluation.evaluate` runs them) on the same
     in-memory batches.
+``train_images_per_s_cached``
+    the same step with the teacher's logits read from a cache (``[teacher] cache``, made
+    by ``deitctl teach``): the logits the live steps computed, kept in memory, each checked
+    against its batch's input checksum as the cache's reader does, then moved to the device;
+    the teacher's share is 0. Live and cached steps alternate on the same batches. Without a
+    teacher, the same figure as ``train_images_per_s``.
 ``teacher_share``
     the time of the teacher forward on each step's (mixed) batch, timed inside
     the step by the trainer's :class:`~deitctl.events.StepClock`, over the step's
@@ -46,12 +52,21 @@ import torch
 
 from deitctl.data import release_workers
 from deitctl.recipe import Recipe
+from deitctl.teacher_cache import input_checksum
+from deitctl.teacher_source import CachedTeacher, TeacherSource
 from deitctl.trainer import Trainer
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-KEYS = ("train_images_per_s", "eval_images_per_s", "teacher_share", "data_images_per_s", "peak_memory_mb")
+KEYS = (
+    "train_images_per_s",
+    "train_images_per_s_cached",
+    "eval_images_per_s",
+    "teacher_share",
+    "data_images_per_s",
+    "peak_memory_mb",
+)
 MAX_KEPT_BATCHES = 8  # distinct in-memory batches, cycled through
 
 
@@ -122,12 +137,34 @@ def draw_batches(loader: Any, count: int, keep: int) -> tuple[list[tuple[torch.T
     return kept, images / max(elapsed, 1e-9)
 
 
+class _Kept:
+    """The teacher's logits of the live steps, replayed as a cache replays them."""
+
+    def __init__(self, live: TeacherSource) -> None:
+        self.live = live
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def logits(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        out = self.live.logits(images, epoch, step)
+        self.kept[step] = (input_checksum(images).float().cpu(), out.cpu())
+        return out
+
+    def has(self, epoch: int) -> bool:
+        return True
+
+    def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kept[step]
+
+
 def _prepare(recipe: Recipe, warn: Callable[[str], None]) -> Recipe:
     """A copy of the recipe that needs no teacher training: a teacher checkpoint
     that does not exist yet is replaced by random weights (speed does not
-    depend on the weights)."""
+    depend on the weights); the live teacher is measured, and its outputs
+    replayed for the cached step, whether or not the recipe names a cache."""
     r = copy.deepcopy(recipe)
     t = r.teacher
+    if t is not None:
+        t.cache = ""
     if r.uses_teacher and t is not None and t.checkpoint and not Path(t.checkpoint).is_file():
         warn(f"teacher checkpoint {t.checkpoint} does not exist; benchmarking the teacher with random weights")
         t.checkpoint = ""
@@ -142,7 +179,7 @@ def run_benchmark(
     data_batches: int = 0,
     warn: Callable[[str], None] = lambda message: None,
 ) -> dict[str, float]:
-    """Measure a recipe; returns the five figures of :data:`KEYS`."""
+    """Measure a recipe; returns the figures of :data:`KEYS`."""
     from deitctl.evaluation import student_heads
 
     steps, warmup = max(1, steps), max(0, warmup)
@@ -164,28 +201,39 @@ def run_benchmark(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # training steps; the teacher's forward is timed inside each step
+    # training steps; the teacher's forward is timed inside each step; with a teacher, each
+    # live step is followed by the same step reading the live step's logits as a cache would
     trainer.student.train()
     trainer.optimizer.zero_grad(set_to_none=True)
     clock = trainer.clock
     clock.enabled = True
-    step_time = teacher_time = 0.0
+    step_time = teacher_time = cached_time = 0.0
     images = 0
+    variants: list[tuple[str, TeacherSource | None]] = [("live", None)]
+    if trainer.uses_teacher and trainer.teachers is not None:
+        kept = _Kept(trainer.teachers)
+        variants = [("live", kept), ("cached", CachedTeacher(kept, None, where="benchmark"))]
     try:
         for i in range(warmup + steps):
-            x, y = batch(i)
-            _sync(device)
-            clock.reset()
-            t0 = time.perf_counter()
-            train_step(trainer, x, y, step=i)
-            _sync(device)
-            if i >= warmup:
-                step_time += time.perf_counter() - t0
-                teacher_time += clock.seconds["teacher"]
-                images += x.shape[0]
+            for variant, source in variants:
+                if source is not None:
+                    trainer.teachers = source
+                x, y = batch(i)
+                _sync(device)
+                clock.reset()
+                t0 = time.perf_counter()
+                train_step(trainer, x, y, step=i)
+                _sync(device)
+                if i >= warmup and variant == "cached":
+                    cached_time += time.perf_counter() - t0
+                elif i >= warmup:
+                    step_time += time.perf_counter() - t0
+                    teacher_time += clock.seconds["teacher"]
+                    images += x.shape[0]
     finally:
         clock.enabled = False
     train_rate = images / max(step_time, 1e-9)
+    cached_rate = images / max(cached_time, 1e-9) if len(variants) > 1 else train_rate
     share = teacher_time / max(step_time, 1e-9)
 
     # evaluation forward of the student alone
@@ -212,6 +260,7 @@ def run_benchmark(
         peak = host_peak.growth_mb()
     return {
         "train_images_per_s": train_rate,
+        "train_images_per_s_cached": cached_rate,
         "eval_images_per_s": eval_images / max(eval_time, 1e-9),
         "teacher_share": share,
         "data_images_per_s": data_rate,
@@ -239,6 +288,11 @@ def results_table(result: dict[str, float], recipe: Recipe, *, steps: int, warmu
         "train",
         f"{result['train_images_per_s']:.1f} img/s",
         "whole training step on in-memory batches (mixup, student fwd+bwd, teacher fwd, optimizer)",
+    )
+    table.add_row(
+        "train, cached teacher",
+        f"{result['train_images_per_s_cached']:.1f} img/s",
+        "the same step with the teacher's logits from a cache (deitctl teach): teacher share 0",
     )
     table.add_row("eval", f"{result['eval_images_per_s']:.1f} img/s", "student forward, eval mode, no grad")
     table.add_row(

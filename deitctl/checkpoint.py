@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from deitctl.errors import RecipeError, UserError, plain_text
 
@@ -20,15 +21,16 @@ training scripts store their command-line ``args`` (an ``argparse.Namespace``)."
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write to a temporary file in the same folder, flush, fsync, then rename."""
-    import torch
-
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write`` into a temporary file in the same folder, flush, fsync, then rename: the file
+    at ``path`` is either the old one or the whole new one, never a part (also when the disk
+    fills up or the process is killed: the temporary file is removed, or left with a name no
+    reader takes)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -43,6 +45,13 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
             os.close(fd)
     except OSError:  # some filesystems cannot fsync a folder
         pass
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically (:func:`atomic_write`)."""
+    import torch
+
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_file(path: str | Path) -> Any:

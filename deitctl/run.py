@@ -85,13 +85,18 @@ def _claim_everywhere(
     return lock, resume
 
 
-def _train_teacher_first(
-    recipe: Recipe, world: World, reporter: Callable[[Recipe], Reporter], say: Callable[[str], None], depth: int
+def ensure_teacher(
+    recipe: Recipe,
+    *,
+    world: World,
+    reporter: Callable[[Recipe], Reporter] = lambda recipe: Reporter(),
+    say: Callable[[str], None] = _silent,
+    depth: int = 0,
 ) -> None:
-    """When the teacher's checkpoint does not exist and ``[teacher] recipe`` says how, train it
-    (continuing its run when one was interrupted)."""
+    """When the recipe's teacher checkpoint does not exist and ``[teacher] recipe`` names a
+    recipe that trains it, train it (continuing its run when one was interrupted)."""
     t = recipe.teacher
-    if not (recipe.uses_teacher and t is not None and t.recipe and not Path(t.checkpoint).is_file()):
+    if t is None or not t.recipe or Path(t.checkpoint).is_file():
         return
     if depth >= MAX_TEACHER_DEPTH:
         raise RecipeError("teacher recipes nest too deeply", source=recipe.source, key="teacher.recipe")
@@ -128,7 +133,9 @@ def run_training(
         say(f"warning: {warning}")
     lock, resume = _claim_everywhere(recipe, start, world, say)
     try:
-        _train_teacher_first(recipe, world, reporter, say, depth)
+        t = recipe.teacher
+        if recipe.uses_teacher and t is not None and not t.cache:  # with a cache, no step needs the teacher
+            ensure_teacher(recipe, world=world, reporter=reporter, say=say, depth=depth)
         trainer = Trainer(recipe, reporter(recipe), world=world)
         try:
             result = trainer.fit(resume=resume)

@@ -96,6 +96,11 @@ class SeededSampler(Sampler[tuple[int, int]]):
         self.epoch, self.skip = epoch, skip
         self.base.set_epoch(epoch)  # type: ignore[attr-defined]
 
+    def set_rank(self, rank: int) -> None:
+        """Yield process ``rank``'s share from now on (``deitctl teach`` replays every
+        process's stream in one; a share's length does not depend on the rank)."""
+        self.base.rank = rank  # type: ignore[attr-defined]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         to_global = getattr(self.base, "global_position", lambda p: p)
         for position, index in enumerate(self.base):

@@ -103,6 +103,11 @@ class TeacherSection:
     mean: list[float] = _f([], "the teacher's input mean (default: the student's)")
     std: list[float] = _f([], "the teacher's input std (default: the student's)")
     input_size: int = _f(0, "the teacher's resolution (0: the student's)", min=0)
+    cache: str = _f(
+        "",
+        "read the teacher's outputs from this `deitctl teach` folder instead of running the teacher "
+        "(an epoch it lacks runs the live teacher when checkpoint exists)",
+    )
     options: dict = field(default_factory=dict)
 
 

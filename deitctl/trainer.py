@@ -12,14 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from deitctl.assembly import Parts, assemble, build_teacher, has_dist_token
+from deitctl.assembly import Parts, assemble, build_teacher, check_output, has_dist_token
 from deitctl.distributed import World, all_reduce_sum, any_rank
 from deitctl.errors import RunError, UserError
 from deitctl.evaluation import evaluate
 from deitctl.events import Reporter, StepClock, StopRequest
 from deitctl.optim import make_optimizer, make_scheduler, optimizer_implementation, scaled_lr, scheduler_epoch_after
 from deitctl.recipe import Recipe
-from deitctl.rng import seed_everything
+from deitctl.rng import batch_seed, seed_everything, seeded_batch
 from deitctl.rundir import RunDir
 from deitctl.runtime import (
     autocast_factory,
@@ -29,6 +29,7 @@ from deitctl.runtime import (
     resolve_precision,
     set_attention,
 )
+from deitctl.teacher_source import LiveTeacher, TeacherSource, cached_source
 from deitctl.train_state import Position, TrainState
 
 
@@ -50,7 +51,9 @@ class Trainer:
         self.out = recipe.output_dir
         self.run_dir = RunDir(self.out, is_main=self.world.is_main)
         seed_everything(recipe.run.seed + self.rank)
-        self.parts: Parts = assemble(recipe, world=self.world)
+        t = recipe.teacher
+        self.cache = t.cache if recipe.uses_teacher and t is not None else ""
+        self.parts: Parts = assemble(recipe, world=self.world, with_teacher=recipe.uses_teacher and not self.cache)
         self.device = self.parts.device
         self.clock = StepClock(self.device)
         self._setup_speed()
@@ -82,27 +85,43 @@ class Trainer:
             save_gelu_derivative(self.student)
         if has_dist_token(self.student):
             self.student.set_distilled_training(True)  # type: ignore[operator]
-        self.teacher = p.teacher.to(self.device) if p.teacher is not None else None
-        if self.teacher is not None:
-            set_attention(self.teacher, self.attention)
-            if run.channels_last:
-                self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        self.teacher: nn.Module | None = None
+        self.teachers: TeacherSource | None = self._live_teacher(p.teacher) if p.teacher is not None else None
         self.ema = None
         if self.recipe.ema.enabled:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.student, decay=self.recipe.ema.decay, use_warmup=self.recipe.ema.warmup)
         self.forward: nn.Module = self.student
-        self.teacher_forward: nn.Module | None = self.teacher
         if run.compile:
             self.forward = torch.compile(self.student)  # type: ignore[assignment]
-            if self.teacher is not None:
-                self.teacher_forward = torch.compile(self.teacher)  # type: ignore[assignment]
         if self.world.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.forward, device_ids=ids)
+
+    def _live_teacher(self, teacher: nn.Module) -> LiveTeacher:
+        """The teacher on the device with the speed settings, run on every step."""
+        run = self.recipe.run
+        self.teacher = teacher.to(self.device)
+        set_attention(self.teacher, self.attention)
+        if run.channels_last:
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        forward = torch.compile(self.teacher) if run.compile else self.teacher
+        return LiveTeacher(forward, self.clock, channels_last=run.channels_last)  # type: ignore[arg-type]
+
+    def _cached_teacher(self) -> TeacherSource:
+        """``[teacher] cache`` for this process; the live teacher for the epochs it lacks."""
+        p = self.parts
+
+        def build_live() -> LiveTeacher:
+            teacher = build_teacher(self.recipe, p.num_classes, p.mean, p.std)
+            check_output(self.recipe, teacher, p.num_classes, "teacher")
+            return self._live_teacher(teacher)
+
+        where = dict(world_size=self.world_size, rank=self.rank, start_epoch=self.position.start_epoch)
+        return cached_source(self.recipe, p, build_live, self.reporter.log, precision=self.precision, **where)
 
     def _setup_optimization(self) -> None:
         """Batch transform, label loss, optimizer, schedule and gradient scaler."""
@@ -110,6 +129,7 @@ class Trainer:
 
         p, o = self.parts, self.recipe.optimizer
         self.mixup = p.augmentation.batch_transform
+        self.seed = self.recipe.run.seed
         smoothing = p.augmentation.smoothing
         self.base_criterion: nn.Module = (
             SoftTargetCrossEntropy()
@@ -118,7 +138,7 @@ class Trainer:
             if smoothing > 0
             else nn.CrossEntropyLoss()
         )
-        self.uses_teacher = self.teacher_forward is not None and getattr(p.strategy, "uses_teacher", True)
+        self.uses_teacher = bool(self.teachers or self.cache) and getattr(p.strategy, "uses_teacher", True)
         self.lr = scaled_lr(self.recipe, self.world_size)
         self.optimizer = make_optimizer(self.recipe, self.student, self.lr)
         self.accumulate = o.accumulate
@@ -196,6 +216,8 @@ class Trainer:
                 )
             where = f"epoch {pos.start_epoch + 1}" + (f", step {pos.resume_step + 1}" if pos.resume_step else "")
             self.reporter.log(f"resuming from {self.run_dir / 'last.pt'} at {where}")
+        if self.cache and self.uses_teacher:  # checked before the run directory changes
+            self.teachers = self._cached_teacher()
         self.run_dir.begin(r, resume_epoch=self.position.start_epoch if resume else None)
         for note in self.parts.notes:
             self.reporter.log(note)
@@ -292,14 +314,14 @@ class Trainer:
         strategy's loss, backward, and (every ``accumulate`` steps) the update."""
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        if self.mixup is not None:
-            images, targets = self.mixup(images, targets)
+        if self.mixup is not None:  # seeded per (seed, epoch, step, rank): a cache can replay it
+            images, targets = seeded_batch(self.mixup, images, targets, batch_seed(self.seed, epoch, step, self.rank))
         update = (step + 1) % self.accumulate == 0
         no_sync = not update and self.world.distributed
         with self.forward.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
             with self.autocast():
                 outputs = self.forward(images)
-                teacher_logits = self.teacher_logits(images) if self.uses_teacher else None
+                teacher_logits = self.teachers.logits(images, epoch, step) if self.uses_teacher else None  # type: ignore[union-attr]
                 loss = self.parts.strategy(outputs, targets, teacher_logits, self.base_criterion)
             loss_value = loss.detach().float().item()
             if not math.isfinite(loss_value):
@@ -311,16 +333,6 @@ class Trainer:
         if update:
             self._update()
         return loss_value
-
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen teacher on the student's (augmented, mixed) batch, in inference mode."""
-        assert self.teacher_forward is not None
-        with self.clock.phase("teacher"):
-            if self.recipe.run.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                logits = self.teacher_forward(images)
-            return logits.clone()  # a normal tensor again: the loss may save it for backward
 
     def _update(self) -> None:
         """Clip, step (through the scaler, a pass-through unless fp16), schedule, EMA."""
@@ -347,6 +359,11 @@ class Trainer:
         if self.teacher is None and t is not None and t.checkpoint and Path(t.checkpoint).is_file():
             p = self.parts
             self.teacher = build_teacher(self.recipe, p.num_classes, p.mean, p.std).to(self.device)
+        elif self.teacher is None and self.cache and t is not None:
+            self.reporter.log(
+                "no teacher agreement in the last evaluation: training read the teacher cache, and the "
+                f"teacher's checkpoint {t.checkpoint!r} is not here"
+            )
         return self.teacher
 
     def evaluate(self, *, with_teacher: bool = False) -> dict[str, Any]:

@@ -64,11 +64,16 @@ def validate(recipe: Recipe) -> list[str]:
         notes.append(f"student: checkpoint {recipe.student.checkpoint} does not exist here (needed to train)")
     t = recipe.teacher
     if t is not None and t.checkpoint and not Path(t.checkpoint).is_file():
-        if t.recipe and recipe.uses_teacher:
+        if t.recipe and recipe.uses_teacher and not t.cache:
             if not Path(t.recipe).is_file():
                 raise RecipeError(f"no such teacher recipe {t.recipe!r}", source=recipe.source, key="teacher.recipe")
             notes.append(
                 f"teacher: {t.checkpoint} does not exist yet; `deitctl train` will train it first with {t.recipe}"
+            )
+        elif t.cache and recipe.uses_teacher:
+            notes.append(
+                f"teacher: checkpoint {t.checkpoint} does not exist here; the cache {t.cache} must hold every "
+                "epoch (an epoch it lacks would need the live teacher)"
             )
         else:
             notes.append(f"teacher: checkpoint {t.checkpoint} does not exist here (needed to train)")

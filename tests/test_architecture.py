@@ -24,6 +24,8 @@ LAYERS: dict[str, set[str]] = {
         "progress",
         "evaluation",
         "events",
+        "teach",
+        "teacher_source",
     },
     "assembly": {
         "assembly",
@@ -37,6 +39,8 @@ LAYERS: dict[str, set[str]] = {
         "checkpoint",
         "distributed",
         "rng",
+        "teacher_cache",
+        "cache_identity",
     },
     "plugin API": {"registry", "kinds", "hookspecs", "api", "recipe", "schema", "tomlio", "errors", "__init__"},
 }
