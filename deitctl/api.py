@@ -10,8 +10,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from deitctl.images import IMAGE_EXTENSIONS, MAX_SIDE, load_rgb
+
 if TYPE_CHECKING:
     import torch
+
+__all__ = ["IMAGE_EXTENSIONS", "MAX_SIDE", "Augmentation", "Register", "Strategy", "as_tuple", "load_rgb", "make_mixup"]
 
 Criterion = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 Outputs: TypeAlias = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"

@@ -21,17 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from deitctl.images import unreadable_errors
 from deitctl.samplers import RepeatedAugSampler, SeededSampler, ShuffleSampler
 
 
 class BadImageError(Exception):
     """An image that cannot be read (the message names its path)."""
-
-
-def unreadable_errors() -> tuple[type[BaseException], ...]:
-    from PIL import Image
-
-    return (OSError, SyntaxError, Image.DecompressionBombError)
 
 
 def sample_path(dataset: Any, index: int) -> str:

@@ -84,3 +84,38 @@ def cifar10(
         f"CIFAR-10 in {dest}: {counts['train']:,} training images in train/, {counts['test']:,} test images in "
         f'test/ (10 classes, PNG). Use data.root = {json.dumps(str(dest))}, val_split = "test".'
     )
+
+
+@data_app.command("check")
+@handles_errors
+def check(
+    root: Path = typer.Argument(..., help="An ImageFolder root (ROOT/<split>/<class>/<image>) or packed shards."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per problem, one a line."),
+    workers: int = typer.Option(0, "--workers", "-j", min=0, help="Decoding processes (0: one per core)."),
+    min_side: int = typer.Option(32, "--min-side", min=1, help="Images with a shorter side are reported as tiny."),
+    train_split: str = typer.Option("train", "--train-split", help="The split training reads."),
+    strict: bool = typer.Option(False, "--strict", help="Warnings fail the check too (exit 2)."),
+) -> None:
+    """Decode every image of every split; report unreadable files, empty class folders, classes
+    in one split only (errors), and images the loader converts, tiny or huge ones (warnings).
+
+    Exit 0 when no errors were found, 2 otherwise (with --strict: any problem)."""
+    from rich.markup import escape
+
+    from deitctl.datacheck import check as run_check
+
+    with progress_bars() as bar:
+        report = run_check(root, workers=workers, min_side=min_side, train_split=train_split, progress=bar)
+    for p in report.problems:
+        if as_json:
+            print(json.dumps(p.as_dict()))
+        else:
+            colour = "red" if p.severity == "error" else "yellow"
+            out.print(f"[{colour}]{p.severity}[/] {p.kind}: {escape(p.path)}: {escape(p.detail)}", markup=True)
+    splits = ", ".join(f"{s} ({len(c)} classes)" for s, c in report.splits.items())
+    err.print(
+        f"{root}: {report.images:,} images in {splits}: {report.errors} errors, {report.warnings} warnings",
+        highlight=False,
+    )
+    if report.errors or (strict and report.problems):
+        raise typer.Exit(2)
