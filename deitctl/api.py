@@ -15,7 +15,17 @@ from deitctl.images import IMAGE_EXTENSIONS, MAX_SIDE, load_rgb
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_SIDE", "Augmentation", "Register", "Strategy", "as_tuple", "load_rgb", "make_mixup"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_SIDE",
+    "Augmentation",
+    "Register",
+    "Strategy",
+    "as_tuple",
+    "load_rgb",
+    "make_mixup",
+    "open_shards",
+]
 
 Criterion = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 Outputs: TypeAlias = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
@@ -91,3 +101,18 @@ def make_mixup(
 
 def as_tuple(values: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
+
+
+def open_shards(
+    *,
+    root: str,
+    split: str,
+    transform: Callable[[Any], Any] | None = None,
+    stream: bool = False,
+    shuffle_buffer: int = 1000,
+) -> Any:
+    """A split of the shards ``deitctl data pack`` wrote into ``root`` (a folder or a URL):
+    read by index when local, streamed from a URL or with ``stream``."""
+    from deitctl.shards import open_split
+
+    return open_split(root, split, transform, stream=stream, shuffle_buffer=shuffle_buffer)

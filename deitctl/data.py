@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
 from deitctl.images import unreadable_errors
 from deitctl.samplers import RepeatedAugSampler, SeededSampler, ShuffleSampler
@@ -27,6 +27,17 @@ from deitctl.samplers import RepeatedAugSampler, SeededSampler, ShuffleSampler
 
 class BadImageError(Exception):
     """An image that cannot be read (the message names its path)."""
+
+
+class BadShardError(Exception):
+    """A shard that cannot be read, or that its manifest does not describe (the message names it)."""
+
+
+def seed_sample(seed: int) -> None:
+    """Seed the RNGs a transform draws from (Python, NumPy, torch's CPU generator)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA, 80x slower
 
 
 def sample_path(dataset: Any, index: int) -> str:
@@ -90,9 +101,7 @@ class SeededDataset(Dataset):
     def _seeded(self, index: int, seed: int) -> Any:
         size = len(self)
         for _attempt in range(min(size, 16)):
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA, 80x slower
+            seed_sample(seed)
             try:
                 return self.dataset[index]
             except unreadable_errors() as exc:
@@ -108,7 +117,8 @@ class SeededDataset(Dataset):
 
 
 def per_class_subset(dataset: Any, limit: int) -> Any:
-    """The first ``limit`` images of each class (deterministic)."""
+    """The first ``limit`` images of each class (deterministic); a dataset with a
+    ``select(indices)`` method (a stream) makes the subset itself."""
     targets = getattr(dataset, "targets", None)
     if not limit or targets is None:
         return dataset
@@ -118,6 +128,8 @@ def per_class_subset(dataset: Any, limit: int) -> Any:
         if counts.get(t, 0) < limit:
             counts[t] = counts.get(t, 0) + 1
             keep.append(i)
+    if callable(getattr(dataset, "select", None)):
+        return dataset.select(keep)
     subset = Subset(dataset, keep)
     subset.targets = [targets[i] for i in keep]  # type: ignore[attr-defined]
     return subset
@@ -236,6 +248,16 @@ class Loader(DataLoader):
             )
         return (finish_images(images, *self._stats[images.device]), *batch[1:])
 
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Read ``epoch`` next, leaving out this process's first ``skip`` samples (mid-epoch resume)."""
+        target = self.dataset if isinstance(self.dataset, IterableDataset) else self.sampler
+        target.set_epoch(epoch, skip=skip)  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        if isinstance(self.dataset, IterableDataset):
+            return self.dataset.num_batches()  # type: ignore[attr-defined]
+        return super().__len__()
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         batches = super().__iter__()
         _WORKERS.update(getattr(batches, "_workers", ()))
@@ -260,17 +282,35 @@ def make_loader(
     device: torch.device | None = None,
 ) -> Loader:
     """The loader of a split. A transform ending in ``ToTensor(), Normalize()`` is
-    finished per batch (:func:`defer_normalize`), on ``device`` when given."""
+    finished per batch (:func:`defer_normalize`), on ``device`` when given. A stream
+    (an IterableDataset with ``configure``, e.g. :class:`deitctl.streaming.ShardStream`)
+    shares itself out over processes and workers; map-style data goes through deitctl's samplers."""
     size = len(dataset)
     finish = defer_normalize(dataset)
-    if train and repeats > 1:
-        base: Sampler[int] = RepeatedAugSampler(size, repeats=repeats, seed=seed, num_replicas=num_replicas, rank=rank)
+    sampling: dict[str, Any]
+    if isinstance(dataset, IterableDataset):
+        dataset.configure(  # type: ignore[attr-defined]
+            train=train,
+            seed=seed,
+            batch_size=batch_size,
+            num_replicas=num_replicas,
+            rank=rank,
+            repeats=repeats if train else 1,
+            num_workers=num_workers,
+            bad_images=bad_images,
+        )
+        sampling = {"dataset": dataset}
     else:
-        base = ShuffleSampler(size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=train, pad=train)
+        if train and repeats > 1:
+            base: Sampler[int] = RepeatedAugSampler(
+                size, repeats=repeats, seed=seed, num_replicas=num_replicas, rank=rank
+            )
+        else:
+            base = ShuffleSampler(size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=train, pad=train)
+        sampling = {"dataset": SeededDataset(dataset, bad_images), "sampler": SeededSampler(base, seed)}
     loader = Loader(
-        SeededDataset(dataset, bad_images),
+        **sampling,
         batch_size=batch_size,
-        sampler=SeededSampler(base, seed),
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=train,

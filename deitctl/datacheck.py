@@ -226,10 +226,15 @@ def check(
     train_split: str = "train",
     progress: Callable[[str, int | None], Callable[[int], None]] | None = None,
 ) -> Report:
-    """Check an ImageFolder root."""
+    """Check an ImageFolder root, or a folder of packed shards (``deitctl data pack``)."""
     from deitctl.images import MAX_SIDE
 
-    samples, classes, problems = scan_folders(root, train_split)
+    if (root / "manifest.json").is_file():
+        from deitctl.shards import scan_shards
+
+        samples, classes, problems = scan_shards(root, train_split)
+    else:
+        samples, classes, problems = scan_folders(root, train_split)
     workers = workers or os.cpu_count() or 1
     advance = progress(f"decoding {len(samples):,} images", len(samples)) if progress else (lambda n: None)
     problems += decode_all(samples, workers=workers, min_side=min_side, max_side=MAX_SIDE, advance=advance)

@@ -29,6 +29,15 @@ def imagefolder(*, root: str, split: str, transform: Transform | None = None) ->
 
     path = Path(root) / split
     if not path.is_dir():
+        if (Path(root) / "manifest.json").is_file():
+            raise FileNotFoundError(
+                f'{root!r} holds packed shards, not an ImageFolder: use data.dataset = "webdataset"'
+            )
+        if Path(root).is_dir() and not any(p.is_dir() for p in Path(root).iterdir()):
+            raise FileNotFoundError(
+                f"{root!r} holds neither an ImageFolder ({root}/<split>/<class>/<image>) nor packed shards "
+                "(manifest.json of `deitctl data pack`)"
+            )
         raise FileNotFoundError(f"no split folder {str(path)!r}")
     dataset = ImageFolder(
         str(path),

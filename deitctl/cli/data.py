@@ -119,3 +119,44 @@ def check(
     )
     if report.errors or (strict and report.problems):
         raise typer.Exit(2)
+
+
+@data_app.command("pack")
+@handles_errors
+def pack(
+    root: Path = typer.Argument(..., help="An ImageFolder root: ROOT/<split>/<class>/<image>."),
+    output: Path = typer.Argument(..., metavar="OUT", help="Folder for the shards and manifest.json."),
+    shard_size: float = typer.Option(256.0, "--shard-size", min=0.001, help="Shard size in MB (about)."),
+    max_side: int = typer.Option(
+        0, "--max-side", min=0, help="Re-encode training images whose longer side exceeds N px to N px (0: never)."
+    ),
+    quality: int = typer.Option(90, "--quality", min=1, max=100, help="JPEG quality of re-encoded images."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the order of the samples in the shards."),
+    workers: int = typer.Option(0, "--workers", "-j", min=0, help="Re-encoding processes (0: one per core)."),
+    train_split: str = typer.Option("train", "--train-split", help="The split --max-side applies to."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards packed into OUT before."),
+) -> None:
+    """Pack every split as WebDataset tar shards plus manifest.json, for `data.dataset = "webdataset"`."""
+    from deitctl.pack import pack as run_pack
+
+    with progress_bars() as bar:
+        manifest = run_pack(
+            root,
+            output,
+            shard_mb=shard_size,
+            max_side=max_side,
+            quality=quality,
+            seed=seed,
+            workers=workers,
+            train_split=train_split,
+            overwrite=overwrite,
+            progress=bar,
+        )
+    for split, info in manifest["splits"].items():
+        size = sum(s["bytes"] for s in info["shards"]) / 2**20
+        resized = f", longer sides over {info['max_side']} px reduced" if info["max_side"] else ""
+        out.print(
+            f"{split}: {info['images']:,} images of {len(info['classes'])} classes in {len(info['shards'])} shards "
+            f"({size:,.1f} MB){resized}"
+        )
+    out.print(f'{output / "manifest.json"} written; train with data.dataset = "webdataset", data.root = "{output}"')
