@@ -174,6 +174,12 @@ def test_epochs_are_reshuffled_and_repeatable(packed):
     a, b = epoch(packed, "train", train=True, epoch=1), epoch(packed, "train", train=True, epoch=1)
     c = epoch(packed, "train", train=True, epoch=2)
     assert a == b and _images(a) != _images(c) and sorted(_images(a)) == sorted(_images(c))
+    ds = open_split(str(packed), "train", digest, stream=True)  # persistent workers see each new epoch
+    loader = make_loader(ds, batch_size=4, train=True, seed=3, num_workers=2)
+    for e in (1, 2):
+        loader.set_epoch(e)
+        assert [(x.tolist(), y.tolist()) for x, y in loader] == epoch(packed, "train", train=True, epoch=e, workers=2)
+    release_workers(loader)
 
 
 def test_repeated_augmentation_shows_each_image_k_times_every_k_epochs(tree, packed):
