@@ -38,4 +38,4 @@ def load_rgb(fp: IO[bytes]) -> Image.Image:
         background = Image.new("RGB", img.size, (0, 0, 0))
         background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
         return background
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
