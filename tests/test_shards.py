@@ -287,3 +287,41 @@ def test_an_unreadable_manifest_and_a_root_of_neither_layout_are_named(copy, tmp
         *set_args([f"data.root={json.dumps(str(copy))}", f"run.output_dir={json.dumps(str(tmp_path / 'r2'))}"]),
     )
     assert code == 2 and 'use data.dataset = "webdataset"' in output
+
+
+def test_data_check_decodes_packed_shards_and_names_a_broken_one(copy):
+    code, output = cli("data", "check", str(copy), "--workers", "2")
+    assert code == 0 and "36 images" in output and "0 errors" in output, output
+    shard = copy / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    code, output = cli("data", "check", str(copy), "--json")
+    problems = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert code == 2 and [(p["kind"], p["path"]) for p in problems] == [("shard", str(shard))]
+
+
+def test_urls_without_the_webdataset_package_name_the_extra(packed, monkeypatch):
+    import sys
+
+    from deitctl.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # import webdataset raises ImportError
+    with pytest.raises(UserError, match=r"deitctl\[webdataset\]"):
+        open_split("http://127.0.0.1:9/shards", "train", None)
+    assert len(open_split(str(packed), "train", None)) == 24  # local shards need no package
+
+
+def test_recipe_validate_reads_the_classes_from_the_manifest(packed, tmp_path):
+    code, output = cli(
+        "recipe",
+        "validate",
+        str(HOSTILE / "tiny.toml"),
+        *set_args(["data.dataset=webdataset", f"data.root={json.dumps(str(packed))}"]),
+    )
+    assert code == 0, output
+    code, output = cli(
+        "recipe",
+        "validate",
+        str(HOSTILE / "tiny.toml"),
+        *set_args(["data.dataset=webdataset", f"data.root={json.dumps(str(packed))}", "data.num_classes=5"]),
+    )
+    assert code == 2 and "the dataset has 3 classes" in output
