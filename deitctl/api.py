@@ -111,8 +111,10 @@ def open_shards(
     stream: bool = False,
     shuffle_buffer: int = 1000,
 ) -> Any:
-    """A split of the shards ``deitctl data pack`` wrote into ``root`` (a folder or a URL):
-    read by index when local, streamed from a URL or with ``stream``."""
+    """A split of the shards ``deitctl data pack`` wrote into ``root``: local shards are read
+    by index (exactly as the ImageFolder they were packed from); shards behind a URL (http,
+    https, pipe:, ... as the webdataset package opens them), or local ones with ``stream``,
+    are streamed, mixed by a shuffle buffer of ``shuffle_buffer`` images per loader worker."""
     from deitctl.shards import open_split
 
     return open_split(root, split, transform, stream=stream, shuffle_buffer=shuffle_buffer)

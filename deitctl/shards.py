@@ -274,6 +274,8 @@ def open_split(
 ) -> Any:
     """:class:`ShardImages` for local shards, a :class:`~deitctl.streaming.ShardStream`
     for a URL (or with ``stream``)."""
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be at least 1, got {shuffle_buffer}")
     if not (stream or is_url(root)):
         return open_local(root, split, transform)
     from deitctl.streaming import ShardStream

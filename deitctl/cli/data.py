@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -29,26 +30,18 @@ def progress_bars() -> Iterator[Callable[[str, int | None], Callable[[int], None
         TransferSpeedColumn,
     )
 
-    bars = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
-    downloads = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
+    def progress(*columns: Any) -> Progress:
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            *columns,
+            console=err,
+            transient=True,
+            disable=not err.is_terminal,
+        )
+
+    bars = progress(MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    downloads = progress(DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
 
     def bar(description: str, total: int | None) -> Callable[[int], None]:
         progress = downloads if description.startswith("downloading") else bars
