@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from deitctl.datacheck import Problem, Sample
 
 FORMAT, VERSION, MANIFEST = "deitctl-webdataset", 1, "manifest.json"
-NEITHER = "holds neither packed shards (ROOT/manifest.json) nor an ImageFolder (ROOT/<split>/<class>/<image>)"
+NEITHER = (
+    "holds neither packed shards (manifest.json of `deitctl data pack`) nor an ImageFolder (<split>/<class>/<image>)"
+)
 
 
 def is_url(root: str) -> bool:
@@ -58,8 +60,11 @@ def read_manifest(root: str) -> dict[str, Any]:
     if not is_url(root) and not Path(location).is_file():
         if not Path(root).is_dir():
             raise FileNotFoundError(f"no folder {root!r}")
-        hint = ' (it holds an ImageFolder: data.dataset = "imagefolder")' if _has_split_folders(Path(root)) else ""
-        raise FileNotFoundError(f"{root!r} has no {MANIFEST}: it is not the output of `deitctl data pack`{hint}")
+        if _has_split_folders(Path(root)):
+            raise FileNotFoundError(
+                f'{root!r} holds an ImageFolder, not packed shards: use data.dataset = "imagefolder"'
+            )
+        raise FileNotFoundError(f"{root!r} {NEITHER}")
     try:
         with open_stream(location) as f:
             manifest = json.loads(f.read())

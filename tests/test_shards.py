@@ -228,6 +228,13 @@ def test_streaming_from_a_url(tree, packed):
         assert isinstance(ds, ShardStream) and ds.classes == list(CLASSES)
         loader = make_loader(ds, batch_size=5, train=False, seed=0, num_workers=0)
         assert sorted(x for xs, _ in loader for x in xs.tolist()) == sorted(reference(tree, "val"))
+        seen = []  # three processes: they stop reading shards in the middle
+        for rank in range(3):
+            ds = open_split(url, "train", digest)
+            loader = make_loader(ds, batch_size=4, train=True, seed=0, num_workers=0, num_replicas=3, rank=rank)
+            loader.set_epoch(1)
+            seen += [x for xs, _ in loader for x in xs.tolist()]
+        assert sorted(seen) == sorted(reference(tree, "train"))
     finally:
         server.shutdown()
 
