@@ -174,7 +174,7 @@ class ShardStream(IterableDataset):
 
     def _shard_samples(self, shard: int) -> Iterator[tuple[int, str, bytes]]:
         """(dataset index, name, bytes) of one shard, checked against the manifest."""
-        location, expected = self.index.location(shard), self.members[shard]
+        location, expected, keys = self.index.location(shard), self.members[shard], self.index.shard_keys[shard]
         seen = 0
         try:
             with open_stream(location) as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -182,10 +182,10 @@ class ShardStream(IterableDataset):
                     key, _, ext = member.name.rpartition("/")[2].partition(".")
                     if not member.isfile() or ext == "cls":
                         continue
-                    if seen >= len(expected) or key != f"{expected[seen]:08d}":
+                    if seen >= len(keys) or key != keys[seen]:
                         raise BadShardError(
                             f"{location}: holds {member.name} where {MANIFEST} lists "
-                            f"{expected[seen] if seen < len(expected) else 'nothing'}: the manifest does not match"
+                            f"{keys[seen] if seen < len(keys) else 'nothing'}: the manifest does not match"
                         )
                     handle = tar.extractfile(member)
                     assert handle is not None
