@@ -36,6 +36,10 @@ def is_url(root: str) -> bool:
 
 
 def join(root: str, name: str) -> str:
+    """Where ``name`` is under ``root``: a ``{}`` in ``root`` stands for it
+    (``pipe:aws s3 cp s3://bucket/shards/{} -``)."""
+    if "{}" in root:
+        return root.replace("{}", name)
     return f"{root.rstrip('/')}/{name}" if is_url(root) else str(Path(root) / name)
 
 

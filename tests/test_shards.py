@@ -306,6 +306,14 @@ def test_data_check_decodes_packed_shards_and_names_a_broken_one(copy):
     assert code == 2 and [(p["kind"], p["path"]) for p in problems] == [("shard", str(shard))]
 
 
+def test_streaming_through_a_pipe_command(tree, packed):
+    pytest.importorskip("webdataset")
+    ds = open_split(f"pipe:cat {packed}/{{}}", "val", digest)
+    assert isinstance(ds, ShardStream)
+    loader = make_loader(ds, batch_size=5, train=False, seed=0, num_workers=0)
+    assert sorted(x for xs, _ in loader for x in xs.tolist()) == sorted(reference(tree, "val"))
+
+
 def test_urls_without_the_webdataset_package_name_the_extra(packed, monkeypatch):
     import sys
 
