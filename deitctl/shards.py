@@ -305,7 +305,9 @@ def scan_shards(root: Path, train_split: str) -> tuple[list[Sample], dict[str, l
         classes[split] = index.classes
         for cls in index.classes:
             if not info.get("counts", {}).get(cls):
-                problems.append(Problem("empty_class", "error", f"{root}/{split}:{cls}", "no images of this class"))
+                problems.append(
+                    Problem("empty_class", "error", f"{root}/{split}:{cls}", "no images of this class", split)
+                )
         bad = shard_mismatches(index)
         problems += [Problem("shard", "error", path, what, split) for path, what in bad]
         broken = {path for path, _ in bad}
