@@ -10,14 +10,29 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from deitctl.hookspecs import Register
+from deitctl.images import IMAGE_EXTENSIONS, MAX_SIDE, load_rgb
+
+__all__ = ["Augmentation", "Criterion", "Outputs", "Register", "Strategy", "as_tuple", "make_mixup", "open_shards"]
+
 if TYPE_CHECKING:
     import torch
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_SIDE",
+    "Augmentation",
+    "Register",
+    "Strategy",
+    "as_tuple",
+    "load_rgb",
+    "make_mixup",
+    "open_shards",
+]
 
 Criterion = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 Outputs: TypeAlias = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
 """A student's training outputs: logits, or (class, distillation) logits with a distillation token."""
-Register = Callable[..., None]
-"""What every hook receives: ``register(name, factory, *, help="")``."""
 
 
 @dataclass
@@ -87,3 +102,20 @@ def make_mixup(
 
 def as_tuple(values: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
+
+
+def open_shards(
+    *,
+    root: str,
+    split: str,
+    transform: Callable[[Any], Any] | None = None,
+    stream: bool = False,
+    shuffle_buffer: int = 1000,
+) -> Any:
+    """A split of the shards ``deitctl data pack`` wrote into ``root``: local shards are read
+    by index (exactly as the ImageFolder they were packed from); shards behind a URL (http,
+    https, pipe:, ... as the webdataset package opens them), or local ones with ``stream``,
+    are streamed, mixed by a shuffle buffer of ``shuffle_buffer`` images per loader worker."""
+    from deitctl.shards import open_split
+
+    return open_split(root, split, transform, stream=stream, shuffle_buffer=shuffle_buffer)

@@ -119,7 +119,7 @@ def draw_batches(loader: Any, count: int, keep: int) -> tuple[list[tuple[torch.T
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     images, started, epoch, drawn = 0, 0.0, 0, 0
     while drawn < count:
-        loader.sampler.set_epoch(epoch)
+        loader.set_epoch(epoch)
         for x, y in loader:
             if drawn == 0:
                 started = time.perf_counter()  # worker start-up and the first fetch are left out

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from deitctl.data import base_and_indices
+from deitctl.errors import RecipeError
 from deitctl.recipe import Recipe
 from deitctl.teacher_cache import sha256_file
 
@@ -156,3 +157,19 @@ def _show(value: Any) -> str:
     if isinstance(value, dict) and "files" in value:
         return f"{value['files']} files (sha256 {str(value.get('sha256'))[:12]}…)"
     return json.dumps(value)
+
+
+def require_indexed(recipe: Recipe, dataset: Any) -> None:
+    """A teacher cache replays the sampler's order, so its dataset must be read by index:
+    streamed shards (a URL root, or ``stream = true``) are refused, naming the key."""
+    from torch.utils.data import IterableDataset
+
+    inner = getattr(dataset, "dataset", dataset)  # under the SeededDataset
+    if isinstance(dataset, IterableDataset) or isinstance(inner, IterableDataset):
+        raise RecipeError(
+            "a teacher cache needs a training split read by index, to replay its exact order; streamed shards "
+            "(a URL root, or stream = true) cannot be replayed: use local shards read by index, an ImageFolder, "
+            "or the live teacher",
+            source=recipe.source,
+            key="teacher.cache" if recipe.teacher is not None and recipe.teacher.cache else "data.root",
+        )

@@ -1,5 +1,5 @@
 """Data loading: per-sample seeded augmentation, repeated augmentation, loaders
-that finish ToTensor/Normalize a batch at a time.
+that finish ToTensor/Normalize (and erasing) a batch at a time (:mod:`deitctl.batches`).
 
 Every sample's augmentation is seeded from (run seed, epoch, position), so a
 run is reproducible for any worker count and resumes exactly. Batch-level
@@ -15,13 +15,22 @@ import random
 import sys
 import weakref
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
+from deitctl.batches import (
+    Collate,
+    ErasePatches,
+    ToUint8Tensor,
+    base_and_indices,
+    defer_normalize,
+    finish_images,
+)
+from deitctl.images import unreadable_errors
 from deitctl.samplers import RepeatedAugSampler, SeededSampler, ShuffleSampler
 
 
@@ -29,10 +38,15 @@ class BadImageError(Exception):
     """An image that cannot be read (the message names its path)."""
 
 
-def unreadable_errors() -> tuple[type[BaseException], ...]:
-    from PIL import Image
+class BadShardError(Exception):
+    """A shard that cannot be read, or that its manifest does not describe (the message names it)."""
 
-    return (OSError, SyntaxError, Image.DecompressionBombError)
+
+def seed_sample(seed: int) -> None:
+    """Seed the RNGs a transform draws from (Python, NumPy, torch's CPU generator)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA, 80x slower
 
 
 def sample_path(dataset: Any, index: int) -> str:
@@ -96,9 +110,7 @@ class SeededDataset(Dataset):
     def _seeded(self, index: int, seed: int) -> Any:
         size = len(self)
         for _attempt in range(min(size, 16)):
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds CUDA, 80x slower
+            seed_sample(seed)
             try:
                 return self.dataset[index]
             except unreadable_errors() as exc:
@@ -114,7 +126,8 @@ class SeededDataset(Dataset):
 
 
 def per_class_subset(dataset: Any, limit: int) -> Any:
-    """The first ``limit`` images of each class (deterministic)."""
+    """The first ``limit`` images of each class (deterministic); a dataset with a
+    ``select(indices)`` method (a stream) makes the subset itself."""
     targets = getattr(dataset, "targets", None)
     if not limit or targets is None:
         return dataset
@@ -124,6 +137,8 @@ def per_class_subset(dataset: Any, limit: int) -> Any:
         if counts.get(t, 0) < limit:
             counts[t] = counts.get(t, 0) + 1
             keep.append(i)
+    if callable(getattr(dataset, "select", None)):
+        return dataset.select(keep)
     subset = Subset(dataset, keep)
     subset.targets = [targets[i] for i in keep]  # type: ignore[attr-defined]
     return subset
@@ -153,91 +168,6 @@ def empty_class_folders(dataset: Any) -> list[str]:
     return [os.path.join(str(root), str(c)) if root else str(c) for i, c in enumerate(classes) if not counts.get(i)]
 
 
-# --------------------------------------------------------------------------- batch-level ToTensor + Normalize
-
-
-def base_and_indices(dataset: Any) -> tuple[Any, list[int]]:
-    """The dataset under any Subsets, and the indices into it that ``dataset`` uses."""
-    indices = list(range(len(dataset)))
-    while isinstance(dataset, Subset):
-        indices = [dataset.indices[i] for i in indices]
-        dataset = dataset.dataset
-    return dataset, indices
-
-
-def _byte_image(pic: Any) -> bool:
-    """A PIL image that ToTensor turns into bytes ÷ 255 (not modes 1, I*, F)."""
-    from PIL import Image
-
-    return isinstance(pic, Image.Image) and pic.mode != "1" and not pic.mode.startswith(("I", "F"))
-
-
-class ToUint8Tensor:
-    """Ends a transform in place of ``ToTensor(), Normalize(mean, std)``: 8-bit
-    images stay bytes (a quarter of the floats to pass between processes), to
-    be scaled and normalised a batch at a time by :class:`Loader`; anything
-    else goes through the original two steps."""
-
-    def __init__(self, to_tensor: Callable[[Any], Any], normalize: Any):
-        self.to_tensor, self.normalize = to_tensor, normalize
-        self.mean, self.std = tuple(map(float, normalize.mean)), tuple(map(float, normalize.std))
-
-    def __call__(self, pic: Any) -> Any:
-        if _byte_image(pic):  # torchvision's pil_to_tensor, without going through numpy
-            w, h = pic.size
-            return torch.frombuffer(bytearray(pic.tobytes()), dtype=torch.uint8).view(h, w, -1).permute(2, 0, 1)
-        return self.normalize(self.to_tensor(pic))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(then per batch: ToTensor, Normalize(mean={self.mean}, std={self.std}))"
-
-
-def defer_normalize(dataset: Any) -> ToUint8Tensor | None:
-    """Where ``dataset``'s transform is a Compose ending in ``ToTensor(),
-    Normalize(...)``, replace those two steps by :class:`ToUint8Tensor`; returns
-    it (None where the transform is anything else)."""
-    from torchvision import transforms as T
-
-    base, _ = base_and_indices(dataset)
-    transform = getattr(base, "transform", None)
-    if not isinstance(transform, T.Compose) or len(transform.transforms) < 2:
-        return None
-    *head, to_tensor, normalize = transform.transforms
-    if isinstance(normalize, ToUint8Tensor):
-        return normalize
-    if type(to_tensor) is not T.ToTensor or type(normalize) is not T.Normalize or normalize.inplace:
-        return None
-    last = ToUint8Tensor(to_tensor, normalize)
-    base.transform = T.Compose([*head, last])
-    return last
-
-
-def finish_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 images to what ToTensor then Normalize give, bit for bit, for the whole batch."""
-    return images.to(torch.get_default_dtype()).div_(255).sub_(mean).div_(std)
-
-
-class _Collate:
-    """default_collate; 8-bit samples are finished here in a batch that also
-    holds images only the original steps could convert (modes 1, I, F)."""
-
-    def __init__(self, last: ToUint8Tensor):
-        self.mean = torch.tensor(last.mean).view(-1, 1, 1)
-        self.std = torch.tensor(last.std).view(-1, 1, 1)
-
-    def __call__(self, batch: list[Any]) -> Any:
-        from torch.utils.data import default_collate
-
-        if batch and isinstance(batch[0], (tuple, list)) and isinstance(batch[0][0], torch.Tensor):
-            dtypes = {sample[0].dtype for sample in batch}
-            if torch.uint8 in dtypes and len(dtypes) > 1:
-                batch = [
-                    (finish_images(s[0], self.mean, self.std), *s[1:]) if s[0].dtype == torch.uint8 else s
-                    for s in batch
-                ]
-        return default_collate(batch)
-
-
 class Loader(DataLoader):
     """A DataLoader whose uint8 image batches (see :class:`ToUint8Tensor`) are
     scaled and normalised on arrival, on ``device`` when given (they cross
@@ -253,6 +183,9 @@ class Loader(DataLoader):
     def _finish(self, batch: Any) -> Any:
         if not isinstance(batch, (tuple, list)) or not batch or not isinstance(batch[0], torch.Tensor):
             return batch
+        patches = batch[-1] if isinstance(batch[-1], ErasePatches) else None
+        if patches is not None:
+            batch = batch[:-1]
         images = batch[0]
         if images.dtype != torch.uint8:
             return batch
@@ -264,7 +197,18 @@ class Loader(DataLoader):
                 torch.tensor(self.finish.mean, device=images.device).view(1, -1, 1, 1),
                 torch.tensor(self.finish.std, device=images.device).view(1, -1, 1, 1),
             )
-        return (finish_images(images, *self._stats[images.device]), *batch[1:])
+        images = finish_images(images, *self._stats[images.device])
+        return (patches.apply(images) if patches else images, *batch[1:])
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Read ``epoch`` next, leaving out this process's first ``skip`` samples (mid-epoch resume)."""
+        target = self.dataset if isinstance(self.dataset, IterableDataset) else self.sampler
+        target.set_epoch(epoch, skip=skip)  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        if isinstance(self.dataset, IterableDataset):
+            return self.dataset.num_batches()  # type: ignore[attr-defined]
+        return super().__len__()
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         batches = super().__iter__()
@@ -290,17 +234,35 @@ def make_loader(
     device: torch.device | None = None,
 ) -> Loader:
     """The loader of a split. A transform ending in ``ToTensor(), Normalize()`` is
-    finished per batch (:func:`defer_normalize`), on ``device`` when given."""
+    finished per batch (:func:`defer_normalize`), on ``device`` when given. A stream
+    (an IterableDataset with ``configure``, e.g. :class:`deitctl.streaming.ShardStream`)
+    shares itself out over processes and workers; map-style data goes through deitctl's samplers."""
     size = len(dataset)
     finish = defer_normalize(dataset)
-    if train and repeats > 1:
-        base: Sampler[int] = RepeatedAugSampler(size, repeats=repeats, seed=seed, num_replicas=num_replicas, rank=rank)
+    sampling: dict[str, Any]
+    if isinstance(dataset, IterableDataset):
+        dataset.configure(  # type: ignore[attr-defined]
+            train=train,
+            seed=seed,
+            batch_size=batch_size,
+            num_replicas=num_replicas,
+            rank=rank,
+            repeats=repeats if train else 1,
+            num_workers=num_workers,
+            bad_images=bad_images,
+        )
+        sampling = {"dataset": dataset}
     else:
-        base = ShuffleSampler(size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=train, pad=train)
+        if train and repeats > 1:
+            base: Sampler[int] = RepeatedAugSampler(
+                size, repeats=repeats, seed=seed, num_replicas=num_replicas, rank=rank
+            )
+        else:
+            base = ShuffleSampler(size, seed=seed, num_replicas=num_replicas, rank=rank, shuffle=train, pad=train)
+        sampling = {"dataset": SeededDataset(dataset, bad_images), "sampler": SeededSampler(base, seed)}
     loader = Loader(
-        SeededDataset(dataset, bad_images),
+        **sampling,
         batch_size=batch_size,
-        sampler=SeededSampler(base, seed),
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=train,
@@ -309,7 +271,7 @@ def make_loader(
         worker_init_fn=functools.partial(_worker_init, nice=worker_nice) if num_workers > 0 else None,
         # a fixed base seed: the loader draws nothing from the global RNG (samples are seeded one by one)
         generator=torch.Generator().manual_seed(seed),
-        collate_fn=_Collate(finish) if finish is not None else None,
+        collate_fn=Collate(finish) if finish is not None else None,
         finish=finish,
         device=device if device is not None and device.type != "cpu" else None,
     )

@@ -15,10 +15,12 @@ from collections.abc import Callable
 
 import pluggy
 
-from deitctl.api import Register
 from deitctl.kinds import KINDS, Kind
 
 hookspec = pluggy.HookspecMarker("deitctl")
+
+Register = Callable[..., None]
+"""What every hook receives: ``register(name, factory, *, help="")``."""
 
 
 def _spec(kind: Kind) -> Callable[[Register], None]:

@@ -20,7 +20,7 @@ from deitctl.assembly import (
     normalization,
 )
 from deitctl.checkpoint import STATE_KEYS, extract_state_dict, load_file, recipe_of_checkpoint
-from deitctl.data import make_loader, per_class_subset
+from deitctl.data import BadImageError, BadShardError, clean_error_message, make_loader, per_class_subset
 from deitctl.errors import RecipeError, UserError
 from deitctl.evaluation import evaluate
 from deitctl.recipe import Recipe, check_plugins, recipe_from_dict
@@ -152,14 +152,17 @@ def evaluate_checkpoint(
     for module in (student, teacher):
         if module is not None:
             set_attention(module, attention)
-    metrics: dict[str, Any] = evaluate(
-        student.to(device),
-        loader,
-        num_classes=len(classes),
-        device=device,
-        autocast=autocast_factory(device, precision),
-        teacher=teacher,
-    )
+    try:
+        metrics: dict[str, Any] = evaluate(
+            student.to(device),
+            loader,
+            num_classes=len(classes),
+            device=device,
+            autocast=autocast_factory(device, precision),
+            teacher=teacher,
+        )
+    except (BadImageError, BadShardError) as exc:
+        raise UserError(f"data: {clean_error_message(exc)}") from exc
     metrics["split"] = split
     if has_dist_token(student):
         metrics["acc1_fused"] = metrics["acc1"]

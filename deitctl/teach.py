@@ -39,7 +39,7 @@ from deitctl.assembly import (
     normalization,
     unreadable_up_front,
 )
-from deitctl.cache_identity import differences, state_sha256, stream_identity, teacher_identity
+from deitctl.cache_identity import differences, require_indexed, state_sha256, stream_identity, teacher_identity
 from deitctl.checkpoint import atomic_write
 from deitctl.distributed import World, barrier
 from deitctl.errors import RecipeError, UserError
@@ -134,6 +134,7 @@ def _build(recipe: Recipe, options: TeachOptions, world_size: int, log: Callable
     precision = resolve_precision(device, run.precision)
     late = LateTransform()
     train_ds, classes = build_train_split(recipe, late)
+    require_indexed(recipe, train_ds)
     num_classes = len(classes)
     with torch.device("meta"):
         mean, std = normalization(build_student(recipe, num_classes))

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from deitctl.assembly import Parts
-from deitctl.cache_identity import CHECKPOINT, differences, state_sha256, stream_identity, teacher_identity
+from deitctl.cache_identity import (
+    CHECKPOINT,
+    differences,
+    require_indexed,
+    state_sha256,
+    stream_identity,
+    teacher_identity,
+)
 from deitctl.errors import RecipeError, UserError
 from deitctl.events import StepClock
 from deitctl.recipe import Recipe
@@ -102,6 +109,7 @@ def open_cache(
         manifest, layout = read_manifest(cache)
     except UserError as exc:
         raise error(str(exc)) from None
+    require_indexed(recipe, parts.train_loader.dataset)
     train_dataset = parts.train_loader.dataset.dataset  # type: ignore[attr-defined]  # under the SeededDataset
     num_classes, steps_per_epoch = parts.num_classes, len(parts.train_loader)
     now = stream_identity(recipe, train_dataset, parts.mean, parts.std, world_size=world_size, precision=precision)

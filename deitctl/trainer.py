@@ -164,7 +164,7 @@ class Trainer:
 
     def fit(self, *, resume: bool = False) -> TrainResult:
         """Train to ``run.epochs``: evaluate and commit every epoch, stop on request."""
-        from deitctl.data import BadImageError, clean_error_message
+        from deitctl.data import BadImageError, BadShardError, clean_error_message
 
         try:
             return self._fit(resume)
@@ -173,6 +173,8 @@ class Trainer:
                 f'data: {clean_error_message(exc)}; set [data] bad_images = "skip" to skip unreadable images, '
                 f"or run `deitctl data check {self.recipe.data.root}` to list every unreadable file before training"
             ) from exc
+        except BadShardError as exc:
+            raise UserError(f"data: {clean_error_message(exc)}") from exc
         finally:
             self.reporter.close()
 
@@ -271,7 +273,7 @@ class Trainer:
         loader, pos = self.parts.train_loader, self.position
         skip, partial = pos.resume_step, pos.resume_partial
         pos.resume_step, pos.resume_partial = 0, {}
-        loader.sampler.set_epoch(epoch, skip=skip * self.recipe.data.batch_size)  # type: ignore[attr-defined]
+        loader.set_epoch(epoch, skip=skip * self.recipe.data.batch_size)
         self.student.train()
         steps = len(loader) + skip
         self.reporter.epoch_start(epoch, self.recipe.run.epochs, steps)

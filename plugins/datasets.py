@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import deitctl
-from deitctl.api import Register
+from deitctl.api import IMAGE_EXTENSIONS, Register, load_rgb
 
 if TYPE_CHECKING:
     import torch
@@ -16,30 +16,11 @@ if TYPE_CHECKING:
 
 Transform = Callable[[Any], Any]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-MAX_SIDE = 4096  # larger images are reduced to this on load (JPEG: decoded at reduced scale)
-
 
 def _rgb_loader(path: str) -> Image.Image:
-    """Any PIL image as RGB: grayscale, RGBA, CMYK, palette; very large ones reduced."""
-    from PIL import Image
-
+    """Any image file as RGB (:func:`deitctl.api.load_rgb`)."""
     with open(path, "rb") as f:
-        img: Image.Image = Image.open(f)
-        if max(img.size) > MAX_SIDE:
-            img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
-        img.load()
-    if max(img.size) > MAX_SIDE:
-        img.thumbnail((MAX_SIDE, MAX_SIDE))
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", img.size, (0, 0, 0))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-        return background
-    return img.convert("RGB")
+        return load_rgb(f)
 
 
 def imagefolder(*, root: str, split: str, transform: Transform | None = None) -> ImageFolder:
@@ -48,6 +29,15 @@ def imagefolder(*, root: str, split: str, transform: Transform | None = None) ->
 
     path = Path(root) / split
     if not path.is_dir():
+        if (Path(root) / "manifest.json").is_file():
+            raise FileNotFoundError(
+                f'{root!r} holds packed shards, not an ImageFolder: use data.dataset = "webdataset"'
+            )
+        if Path(root).is_dir() and not any(p.is_dir() for p in Path(root).iterdir()):
+            raise FileNotFoundError(
+                f"{root!r} holds neither an ImageFolder ({root}/<split>/<class>/<image>) nor packed shards "
+                "(manifest.json of `deitctl data pack`)"
+            )
         raise FileNotFoundError(f"no split folder {str(path)!r}")
     dataset = ImageFolder(
         str(path),

@@ -69,3 +69,16 @@ def test_step_processes_alternates_recipe_variants(tmp_path):
     lines = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("the recipe", "run."))}
     assert set(lines) == {"the", "run.threads=1"}, text
     assert float(lines["the"][3]) == 1.0 and float(lines["run.threads=1"][2]) > 0, text
+
+
+def test_loader_compares_the_loaders_and_profiles_the_stages(tmp_path):
+    from conftest import SAMPLE
+
+    common = ["--source", str(SAMPLE), "--images", "20", "--batch", "4", "--work", str(tmp_path), "--json"]
+    result = json.loads(_script("loader.py", *common, "--rounds", "1", "--workers", "1"))
+    assert set(result["median"]) == {"plain", "folder", "shards", "shards320"}
+    assert all(m["wall"] > 0 and m["per_cpu_s"] > 0 for m in result["median"].values())
+    assert result["vs_plain"]["plain"]["wall"] == 1.0
+    stages = json.loads(_script("loader.py", *common, "--profile"))["ms_per_image"]
+    assert {"decode", "crop", "randaugment", "to_uint8+erasing", "batch"} <= set(stages["deitctl shards320"])
+    assert {"to_tensor", "normalize", "erasing"} <= set(stages["plain jpeg"])

@@ -12,8 +12,10 @@ import pytest
 import torch
 from conftest import ROOT, SAMPLE
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
+from deitctl.batches import ErasePatches
 from deitctl.data import ToUint8Tensor, make_loader, per_class_subset
 from deitctl.image_cache import DecodedImages, cache_decoded
 from deitctl_plugins.augmentations import deit, simple
@@ -107,10 +109,11 @@ def test_batches_are_bitwise_those_of_the_per_image_pipeline(small_tree, workers
     args = dict(batch_size=8, seed=3)
     fast = make_loader(fast_train, train=True, num_workers=workers, **args)
     slow = make_loader(slow_train, train=True, num_workers=0, **args)
-    # simple's training transform ends in ToTensor + Normalize: its batches travel as bytes;
-    # deit's ends in random erasing, after Normalize, and is left as it is
-    assert (fast.finish is not None) == (augmentation == "simple") and slow.finish is None
-    assert isinstance(fast_train.transform.transforms[-1], ToUint8Tensor) == (augmentation == "simple")
+    # both training transforms end in ToTensor + Normalize (deit's then random erasing,
+    # deferred to the batch): their batches travel as bytes
+    assert fast.finish is not None and slow.finish is None
+    assert isinstance(fast_train.transform.transforms[-1], ToUint8Tensor)
+    assert (fast.finish.erasing is not None) == (augmentation == "deit")
     for epoch in (0, 1):
         a, b = _batches(fast, epoch), _batches(slow, epoch)
         assert len(a) == len(b) == 2  # 23 images, whole batches of 8
@@ -120,6 +123,24 @@ def test_batches_are_bitwise_those_of_the_per_image_pipeline(small_tree, workers
     slow_e = make_loader(slow_eval, train=False, num_workers=0, **args)
     for (xa, ya), (xb, yb) in zip(_batches(fast_e), _batches(slow_e), strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("remode, recount", [("pixel", 1), ("pixel", 3), ("rand", 2), ("const", 1)])
+def test_erasing_deferred_to_the_batch_is_bitwise_the_per_image_erasing(small_tree, workers, remode, recount):
+    """The paper's augmentation at 64 px (random-resized crop, RandAugment) with erasing on
+    every image: the rectangles and noise decided in the workers, written into the batch."""
+    kw = dict(img_size=64, mean=MEAN, std=STD, num_classes=2, reprob=1.0, remode=remode, recount=recount)
+    fast = imagefolder(root=str(small_tree), split="train", transform=deit(**kw).train_transform)
+    slow = _reference(imagefolder(root=str(small_tree), split="train", transform=deit(**kw).train_transform))
+    fast_loader = make_loader(fast, batch_size=8, train=True, seed=5, num_workers=workers)
+    slow_loader = make_loader(slow, batch_size=8, train=True, seed=5, num_workers=0)
+    assert fast_loader.finish is not None and fast_loader.finish.erasing is not None and slow_loader.finish is None
+    for (xa, ya), (xb, yb) in zip(_batches(fast_loader, 1), _batches(slow_loader, 1), strict=True):
+        assert xa.dtype == torch.float32 and torch.equal(xa, xb) and torch.equal(ya, yb)
+    raw = list(DataLoader.__iter__(fast_loader))  # as the batches cross: bytes, and the rectangles
+    assert all(x.dtype == torch.uint8 and isinstance(p, ErasePatches) for x, _, p in raw)
+    assert sum(len(p) for *_, p in raw) >= len(raw) * 8  # every image erased at least once
 
 
 def test_a_batch_mixing_8_bit_and_float_images(small_tree):

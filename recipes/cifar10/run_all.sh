@@ -4,21 +4,19 @@
 # The teacher runs once more, over the students' exact training stream, with `deitctl teach`:
 # the soft, hard and token students read its outputs from that cache (teacher-cache/) instead
 # of running the teacher on every step, with the same results (docs/teacher-cache.md).
-# Run from the repository root, after extracting the data (this script extracts nothing):
-#   tar xzf ../shared/data/cifar10-jpeg.tar.gz -C data/      # -> data/cifar10/{train,test}
+# Run from the repository root:
 #   sh recipes/cifar10/run_all.sh
+# It first imports CIFAR-10 into data/cifar10/{train,test} with `deitctl data cifar10`
+# (downloaded once, MD5-checked; nothing to do when it is there already).
 # About an hour on 2 CPU cores at the recipes' size. Arguments go to every `deitctl train`
 # (and to `deitctl teach`); TEACHER_ARGS and STUDENT_ARGS (words, no spaces inside one) only
 # to the teacher's or the students' (and the teach's) -- README.md gives the full-size
 # overrides for a GPU. TEACHER_CACHE= (empty) trains the students with the live teacher.
-# A finished run is skipped, an interrupted one continues with --resume; an interrupted
+# A finished run is skipped, an interrupted one continues (--auto-resume); an interrupted
 # teach continues where it stopped.
 set -eu
 set -f  # no globbing: list values such as student.channels=[64,128,256,512] stay as written
-[ -d data/cifar10/train ] && [ -d data/cifar10/test ] || {
-    echo "data/cifar10 is missing: tar xzf ../shared/data/cifar10-jpeg.tar.gz -C data/" >&2
-    exit 2
-}
+deitctl data cifar10 data/cifar10
 cache="${TEACHER_CACHE-runs/cifar10/teacher-cache}"
 for name in teacher deit_none deit_soft deit_hard deit_token; do
     out="runs/cifar10/$name"
@@ -33,18 +31,12 @@ for name in teacher deit_none deit_soft deit_hard deit_token; do
         fi
         cache_args="--set teacher.cache=\"$cache\""
     fi
-    if [ -f "$out/last.pt" ]; then
-        if python -c 'import sys; from deitctl.compare import read_run; sys.exit(0 if read_run(sys.argv[1])["complete"] else 1)' "$out"; then
-            echo "== $name: finished already ($out)"
-            continue
-        fi
-        echo "== $name: continuing ($out)"
-        # shellcheck disable=SC2086
-        deitctl train "recipes/cifar10/$name.toml" --resume $role_args $cache_args "$@"
-    else
-        echo "== $name"
-        # shellcheck disable=SC2086
-        deitctl train "recipes/cifar10/$name.toml" $role_args $cache_args "$@"
+    if [ -f "$out/last.pt" ] && python -c 'import sys; from deitctl.compare import read_run; sys.exit(0 if read_run(sys.argv[1])["complete"] else 1)' "$out"; then
+        echo "== $name: finished already ($out)"
+        continue
     fi
+    echo "== $name"
+    # shellcheck disable=SC2086
+    deitctl train "recipes/cifar10/$name.toml" --auto-resume $role_args $cache_args "$@"
 done
 deitctl compare runs/cifar10/teacher runs/cifar10/deit_none runs/cifar10/deit_soft runs/cifar10/deit_hard runs/cifar10/deit_token
