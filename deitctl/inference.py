@@ -73,9 +73,11 @@ def load_student(
     ema: bool = False,
     overrides: list[str] | None = None,
     warn: Callable[[str], None] | None = None,
+    loaded: Any = None,
 ) -> tuple[Recipe, nn.Module, list[str], Stats, Stats]:
-    """(recipe, student with weights, classes, mean, std) from a checkpoint."""
-    ckpt = load_file(ckpt_path)
+    """(recipe, student with weights, classes, mean, std) from a checkpoint (``loaded``:
+    its contents, when already read)."""
+    ckpt = load_file(ckpt_path) if loaded is None else loaded
     ours = isinstance(ckpt, dict) and isinstance(ckpt.get("recipe"), str)
     if ours:
         recipe = recipe_of_checkpoint(ckpt, ckpt_path, overrides)

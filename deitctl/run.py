@@ -11,6 +11,7 @@ from deitctl.errors import RecipeError
 from deitctl.events import Reporter
 from deitctl.recipe import Recipe, load_recipe
 from deitctl.rundir import RunDir
+from deitctl.tracking import build_loggers, close_loggers, with_loggers
 from deitctl.trainer import Trainer, TrainResult
 
 MAX_TEACHER_DEPTH = 2
@@ -36,6 +37,28 @@ def run_training(
     say = say if world.is_main else _silent
     for warning in recipe.warnings:
         say(f"warning: {warning}")
+    loggers = build_loggers(recipe, resume=resume) if world.is_main else []  # a missing package stops here
+    try:
+        _teacher_first(recipe, world, reporter, say, depth)
+        if world.is_main:
+            RunDir.prepare(recipe)
+        barrier()
+        trainer = Trainer(recipe, with_loggers(reporter(recipe), loggers, recipe, say), world=world)
+    except BaseException:
+        close_loggers(loggers, say)
+        raise
+    try:
+        result = trainer.fit(resume=resume)
+    finally:
+        trainer.close()  # the loaders' workers are done
+    barrier()
+    return result
+
+
+def _teacher_first(
+    recipe: Recipe, world: World, reporter: Callable[[Recipe], Reporter], say: Callable[[str], None], depth: int
+) -> None:
+    """Train the teacher when its checkpoint does not exist and ``[teacher] recipe`` says how."""
     t = recipe.teacher
     if recipe.uses_teacher and t is not None and t.recipe and not Path(t.checkpoint).is_file():
         if depth >= MAX_TEACHER_DEPTH:
@@ -51,13 +74,3 @@ def run_training(
                 source=recipe.source,
                 key="teacher.checkpoint",
             )
-    if world.is_main:
-        RunDir.prepare(recipe)
-    barrier()
-    trainer = Trainer(recipe, reporter(recipe), world=world)
-    try:
-        result = trainer.fit(resume=resume)
-    finally:
-        trainer.close()  # the loaders' workers are done
-    barrier()
-    return result

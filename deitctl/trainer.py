@@ -243,6 +243,8 @@ class Trainer:
             self.reporter.log(f"warning: {skipped} unreadable training images were skipped")
         if pos.skipped_steps:
             self.reporter.log(f"{pos.skipped_steps} fp16 steps were skipped by the gradient scaler (inf/NaN gradients)")
+        if last_metrics and epoch + 1 == r.run.epochs:
+            self.reporter.final({**last_metrics, "best_acc1": pos.best_acc1, "epochs": epoch + 1})
         return TrainResult(self.out, pos.best_acc1, last_metrics, epoch + 1)
 
     def _begin(self, resume: bool) -> None:
@@ -316,11 +318,15 @@ class Trainer:
         started, stopped_at = time.perf_counter(), None
         self.optimizer.zero_grad(set_to_none=True)
         for step, (images, targets) in enumerate(loader, start=skip):
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's (the update moves the schedule on)
             loss_value = self.train_step(images, targets, epoch=epoch, step=step)
             total_loss += loss_value * images.shape[0]
             seen += images.shape[0]
             self.reporter.step(images.shape[0] * self.world_size, loss_value, self.optimizer.param_groups[0]["lr"])
             update = (step + 1) % self.accumulate == 0
+            if update and pos.num_updates % self.recipe.run.log_every == 0:
+                scale = {"scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
+                self.reporter.update(pos.num_updates, {"lr": lr, **scale})
             if update and step + 1 < steps and any_rank(stop.requested, self.device):
                 stopped_at = step + 1
                 break
