@@ -190,14 +190,15 @@ def build_teacher(
     recipe: Recipe, num_classes: int, student_mean: Stats, student_std: Stats, *, load: bool = True
 ) -> FrozenTeacher:
     """The frozen teacher, wrapped to re-normalise and resize the student's batch."""
-    from deitctl.checkpoint import load_weights
+    from deitctl.weights import load_into, teacher_source
 
     t = recipe.teacher
     assert t is not None
     plugin = get_registry().get("teachers", t.plugin)
     model = _module(plugin, call_factory(plugin, {"num_classes": num_classes}, t.options, recipe, "teacher"))
-    if load and t.checkpoint:
-        load_weights(model, t.checkpoint, what=f"teacher ({t.plugin} {t.options.get('model', '')})".strip())
+    source = teacher_source(t)
+    if load and source:
+        load_into(model, source, what=f"teacher ({t.plugin} {t.options.get('model', '')})".strip())
     mean, std = normalization(model)
     if not getattr(model, "pretrained_cfg", None):
         mean, std = student_mean, student_std
@@ -313,6 +314,7 @@ def _decode_threads(recipe: Recipe) -> int:
 def assemble(recipe: Recipe, *, world: World | None = None, with_teacher: bool | None = None) -> Parts:
     """Build a run's data, models, augmentation, loss and loaders from its recipe."""
     from deitctl.finetune import init_student
+    from deitctl.weights import is_remote, teacher_source
 
     world = world or World()
     device = resolve_device(recipe)
@@ -336,6 +338,8 @@ def assemble(recipe: Recipe, *, world: World | None = None, with_teacher: bool |
     if with_teacher if with_teacher is not None else recipe.uses_teacher:
         teacher = build_teacher(recipe, num_classes, mean, std)
         check_output(recipe, teacher, num_classes, "teacher")
+        if is_remote(source := teacher_source(recipe.teacher)):  # type: ignore[arg-type]
+            notes.append(f"teacher weights: {source} (downloaded once, then cached)")
 
     aug = build_augmentation(recipe, mean, std, num_classes)
     bind_transform(train_ds, train_tf, aug.train_transform)

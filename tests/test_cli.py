@@ -203,7 +203,8 @@ def test_a_misspelt_hook_is_reported_not_ignored(tmp_path, monkeypatch):
         {
             "provider": "typo_plugin",
             "error": "unknown hook 'register_teacher' (did you mean 'register_teachers'?); deitctl's hooks: "
-            "register_teachers, register_students, register_augmentations, register_strategies, register_datasets",
+            "register_teachers, register_students, register_augmentations, register_strategies, register_datasets, "
+            "register_loggers",
         }
     ]
     assert not any(row["name"] == "typo" for row in listing["plugins"])
