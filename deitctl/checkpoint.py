@@ -97,6 +97,7 @@ def recipe_of_checkpoint(ckpt: dict[str, Any], path: str | Path, overrides: list
     if not isinstance(text, str):
         raise UserError(f"{path}: not a deitctl checkpoint (no recipe inside); pass --model and --data")
     recipe = recipe_from_text(text, f"{path} (embedded recipe)", overrides, plugins=False)
+    recipe.run.loggers = []  # using a checkpoint logs nothing: its trackers need not be installed
     try:
         check_plugins(recipe)
     except RecipeError as exc:

@@ -128,14 +128,13 @@ def _load(ckpt: Path, ema: bool) -> Student:
 @contextlib.contextmanager
 def _written(path: Path) -> Iterator[Path]:
     """A temporary file next to ``path``, renamed onto it when the block succeeds."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--output: cannot create {path.parent}: {exc.strerror or exc}") from None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"--output {path}: cannot write it ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)
 

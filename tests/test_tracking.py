@@ -204,7 +204,7 @@ def third_party(monkeypatch):
     reset_registry()
 
 
-def test_a_third_party_logger_gets_the_recipe_steps_epochs_and_results(third_party, tmp_path):
+def test_a_third_party_logger_gets_the_recipe_steps_epochs_and_results(third_party, tmp_path, monkeypatch):
     out = tmp_path / "run"
     code, text = train(out, "run.epochs=2", "run.log_every=2", 'run.loggers=["recorder", "broken"]')
     assert code == 0, text
@@ -223,6 +223,11 @@ def test_a_third_party_logger_gets_the_recipe_steps_epochs_and_results(third_par
     assert [(e[1], e[2]["acc1"]) for e in epochs] == [(m["epoch"], m["acc1"]) for m in metrics]
     final = Recorder.calls[-2][1]
     assert final["best_acc1"] == metrics[-1]["best_acc1"] and final["epochs"] == 2
+    # using the checkpoint where the loggers are not installed: they are not needed
+    monkeypatch.delenv("DEITCTL_PLUGINS")
+    reset_registry()
+    code, text = cli("eval", "--ckpt", str(out / "best.pt"), "--json")
+    assert code == 0, text
 
 
 def test_an_unknown_logger_is_a_recipe_error(tmp_path):
