@@ -74,7 +74,8 @@ class Logger:
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """Every ``[run] log_every`` optimizer updates; ``step`` counts the updates so far.
-        ``metrics``: ``train_loss`` (mean since the last call), ``lr``, ``images_per_s``
+        ``metrics``: ``train_loss`` (mean since the last call, over the main process's batches),
+        ``lr``, ``images_per_s``
         (all processes), and ``scale`` (the fp16 loss scale) with fp16."""
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
