@@ -81,6 +81,9 @@ def validate(recipe: Recipe) -> list[str]:
         if recipe.teacher is not None:
             build_teacher(recipe, len(classes), mean, std, load=False)
     build_augmentation(recipe, mean, std, len(classes))
+    from deitctl.tracking import build_loggers, close_loggers
+
+    close_loggers(build_loggers(recipe), notes.append)  # their packages are here (nothing is opened)
     notes += _remote_weights(recipe)
     if recipe.student.checkpoint and not available(recipe.student.checkpoint):
         notes.append(f"student: checkpoint {recipe.student.checkpoint} does not exist here (needed to train)")

@@ -245,3 +245,5 @@ def test_a_missing_tracker_package_stops_the_run_at_start_up(monkeypatch, tmp_pa
     assert "[run.loggers]" in text and "logger plugin 'mlflow'" in text
     assert "pip install 'deitctl[mlflow]'" in " ".join(text.split())
     assert not (out / "metrics.jsonl").exists()
+    code, text = cli("recipe", "validate", str(TINY), "--set", 'run.loggers=["mlflow"]')
+    assert code == 2 and "pip install 'deitctl[mlflow]'" in " ".join(text.split())
