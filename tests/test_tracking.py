@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import struct
 import sys
 import types
@@ -206,7 +207,8 @@ def third_party(monkeypatch):
 
 def test_a_third_party_logger_gets_the_recipe_steps_epochs_and_results(third_party, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    code, text = train(out, "run.epochs=2", "run.log_every=2", 'run.loggers=["recorder", "broken"]')
+    sets = ["run.epochs=2", "run.log_every=2", 'run.loggers=["recorder", "broken"]', 'run.precision="fp16"']
+    code, text = train(out, *sets)
     assert code == 0, text
     assert "logger 'broken' failed in log_epoch (ConnectionError: tracker unreachable)" in text
     metrics = read_metrics(out)
@@ -218,7 +220,8 @@ def test_a_third_party_logger_gets_the_recipe_steps_epochs_and_results(third_par
     assert Recorder.calls[1][1]["run.loggers"] == '["recorder", "broken"]'
     steps = [c for c in Recorder.calls if c[0] == "step"]
     assert [s[1] for s in steps] == list(range(2, _updates(metrics) + 1, 2))
-    assert set(steps[0][2]) == {"train_loss", "lr", "images_per_s"}
+    assert set(steps[0][2]) == {"train_loss", "lr", "images_per_s", "scale"}  # fp16: the loss scale too
+    assert all(s[2]["scale"] > 0 and math.log2(s[2]["scale"]).is_integer() for s in steps)
     epochs = [c for c in Recorder.calls if c[0] == "epoch"]
     assert [(e[1], e[2]["acc1"]) for e in epochs] == [(m["epoch"], m["acc1"]) for m in metrics]
     final = Recorder.calls[-2][1]
