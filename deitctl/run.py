@@ -38,6 +38,8 @@ def run_training(
     for warning in recipe.warnings:
         say(f"warning: {warning}")
     loggers = build_loggers(recipe, resume=resume) if world.is_main else []  # a missing package stops here
+    if loggers:
+        say(f"loggers: {', '.join(name for name, _ in loggers)}")
     try:
         _teacher_first(recipe, world, reporter, say, depth)
         if world.is_main:
