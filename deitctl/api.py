@@ -1,4 +1,4 @@
-"""What plugins build on: the objects augmentation and strategy factories return.
+"""What plugins build on: the objects augmentation, strategy and logger factories return.
 
 Plugins import from here and from :mod:`deitctl` only; the engine never
 imports plugins directly (it goes through the registry).
@@ -72,6 +72,37 @@ class Strategy:
         base_criterion: Criterion,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+
+class Logger:
+    """A tracker that receives a run's figures (a logger plugin's factory returns one).
+
+    Every method is optional (the defaults do nothing) and runs on the main process only,
+    in this order: ``log_hparams`` once, then ``log_step`` and ``log_epoch`` as training
+    goes, ``log_final`` when the run has finished all its epochs, and ``close`` always
+    (also after a failure or a stop). Metric values are floats.
+    """
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        """The resolved recipe, flat: ``{"optimizer.lr": 0.0005, "optimizer.betas": "[0.9, 0.999]", ...}``
+        (booleans, numbers and strings; lists as JSON text)."""
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Every ``[run] log_every`` optimizer updates; ``step`` counts the updates so far.
+        ``metrics``: ``train_loss`` (mean since the last call, over the main process's batches),
+        ``lr``, ``images_per_s``
+        (all processes), and ``scale`` (the fp16 loss scale) with fp16."""
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """After each epoch (``epoch`` counts from 1): the numbers of its ``metrics.jsonl`` line
+        (``train_loss``, ``lr``, ``acc1``, ``acc5``, ``acc1_cls``, ``acc1_dist``,
+        ``teacher_agreement``, ``best_acc1``, ...)."""
+
+    def log_final(self, metrics: dict[str, float]) -> None:
+        """The results of a finished run: the last epoch's metrics, ``best_acc1`` and ``epochs``."""
+
+    def close(self) -> None:
+        """Flush and release; the last call."""
 
 
 def make_mixup(

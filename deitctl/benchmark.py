@@ -165,9 +165,9 @@ def _prepare(recipe: Recipe, warn: Callable[[str], None]) -> Recipe:
     t = r.teacher
     if t is not None:
         t.cache = ""
-    if r.uses_teacher and t is not None and t.checkpoint and not Path(t.checkpoint).is_file():
-        warn(f"teacher checkpoint {t.checkpoint} does not exist; benchmarking the teacher with random weights")
-        t.checkpoint = ""
+    if r.uses_teacher and t is not None and (t.checkpoint or t.download) and not Path(t.checkpoint).is_file():
+        warn(f"teacher weights {t.checkpoint or t.download} are not here; benchmarking the teacher with random weights")
+        t.checkpoint = t.download = ""
     return r
 
 

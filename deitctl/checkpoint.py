@@ -104,16 +104,6 @@ def extract_state_dict(obj: Any, path: str | Path, prefer: tuple[str, ...] = STA
     return out
 
 
-def load_weights(model: Any, path: str | Path, *, what: str) -> None:
-    """Load a weights file into ``model`` strictly, with a clear error on mismatch."""
-    state = extract_state_dict(load_file(path), path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise UserError(f"{path}: does not fit the {what}: {detail[:600]}") from None
-
-
 def recipe_of_checkpoint(ckpt: dict[str, Any], path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """The recipe a deitctl checkpoint carries; a teacher whose plugin is not installed
     here is dropped with a warning (using the student does not need it)."""
@@ -123,6 +113,7 @@ def recipe_of_checkpoint(ckpt: dict[str, Any], path: str | Path, overrides: list
     if not isinstance(text, str):
         raise UserError(f"{path}: not a deitctl checkpoint (no recipe inside); pass --model and --data")
     recipe = recipe_from_text(text, f"{path} (embedded recipe)", overrides, plugins=False)
+    recipe.run.loggers = []  # using a checkpoint logs nothing: its trackers need not be installed
     try:
         check_plugins(recipe)
     except RecipeError as exc:

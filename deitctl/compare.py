@@ -88,6 +88,11 @@ def _last(rows: list[dict[str, Any]], key: str) -> Any:
 
 def read_run(path: Path) -> dict[str, Any]:
     """One run's summary: plain data, ready for JSON."""
+    return run_history(path)[0]
+
+
+def run_history(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One run's summary and its metrics, one row per epoch."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: {'no such directory' if not path.exists() else NOT_A_RUN}")
@@ -154,7 +159,7 @@ def read_run(path: Path) -> dict[str, Any]:
         "source": source,
     }
     summary["complete"] = bool(rows) and epochs_done >= summary["epochs_planned"]
-    return summary
+    return summary, rows
 
 
 def compare_runs(paths: Iterable[Path]) -> list[dict[str, Any]]:

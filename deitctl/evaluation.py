@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deitctl.assembly import has_dist_token
+from deitctl.factories import has_dist_token
 
 if TYPE_CHECKING:
     from torchmetrics import Metric
@@ -47,11 +47,13 @@ def evaluate(
     teacher: nn.Module | None = None,
     channels_last: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``loader`` (targets are class indices), in percent: top-1,
     top-5; for a student with a distillation token each head alone and the paper's softmax
     fusion; with a teacher its top-1 and the share of images where student and teacher
-    predict the same class (fused, and each head: the paper's Table 4)."""
+    predict the same class (fused, and each head: the paper's Table 4). ``observe(logits,
+    targets)`` sees each batch's fused logits (float) in loader order."""
     from torchmetrics import MeanMetric
 
     was_training = model.training
@@ -80,6 +82,8 @@ def evaluate(
             acc1.update(logits, y)
             acc5.update(logits, y)
             loss.update(F.cross_entropy(logits, y, reduction="none"))
+            if observe is not None:
+                observe(logits, y)
             if heads is not None:
                 cls, dist = heads[0].float(), heads[1].float()
                 extra["acc1_cls"].update(cls, y)
@@ -104,3 +108,51 @@ def evaluate(
 
     out["images"] = int(all_reduce_sum([float(images)], device)[0])
     return out
+
+
+class ClassScores:
+    """The confusion matrix (rows: true class, columns: predicted) and per-class top-1."""
+
+    def __init__(self, num_classes: int) -> None:
+        from torchmetrics.classification import MulticlassConfusionMatrix
+
+        self.metric = MulticlassConfusionMatrix(num_classes=num_classes)
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.metric.update(logits.argmax(1).cpu(), targets.cpu())
+
+    def matrix(self) -> torch.Tensor:
+        return self.metric.compute()
+
+    def per_class_acc1(self, classes: list[str]) -> dict[str, float | None]:
+        """Each class's top-1 in percent (None: no image of that class)."""
+        m = self.matrix()
+        totals = m.sum(1)
+        return {
+            name: (float(m[i, i]) / float(totals[i]) * 100 if totals[i] else None) for i, name in enumerate(classes)
+        }
+
+
+class RealLabels:
+    """Multi-label ground truth in the ImageNet-ReaL format: for each image, the list of
+    acceptable class indices (empty: left out, as in the ReaL paper). Scores ReaL top-1 and
+    top-5: a prediction is right when it is one of the image's labels."""
+
+    def __init__(self, labels: list[list[int]]) -> None:
+        self.labels, self.position = labels, 0
+        self.counted, self.correct1, self.correct5 = 0, 0, 0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
+        for predicted in top5:
+            wanted = self.labels[self.position]
+            self.position += 1
+            if not wanted:
+                continue
+            self.counted += 1
+            self.correct1 += predicted[0] in wanted
+            self.correct5 += any(p in wanted for p in predicted)
+
+    def result(self) -> dict[str, Any]:
+        n = max(self.counted, 1)
+        return {"real_acc1": self.correct1 / n * 100, "real_acc5": self.correct5 / n * 100, "real_images": self.counted}

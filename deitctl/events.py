@@ -24,7 +24,56 @@ class Reporter:
     def epoch_end(self, metrics: dict[str, Any]) -> None: ...
     def eval_start(self, batches: int) -> None: ...
     def eval_step(self, images: int) -> None: ...
+    def update(self, num_updates: int, figures: dict[str, float]) -> None:
+        """Every ``[run] log_every`` optimizer updates: ``lr`` (of that update) and, with fp16, ``scale``."""
+
+    def final(self, metrics: dict[str, Any]) -> None:
+        """The results of a run that finished all its epochs."""
+
     def close(self) -> None: ...
+
+
+class Fanout(Reporter):
+    """Sends every event to each of several reporters, in order."""
+
+    def __init__(self, *reporters: Reporter) -> None:
+        self.reporters = reporters
+
+    def log(self, message: str) -> None:
+        for r in self.reporters:
+            r.log(message)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        for r in self.reporters:
+            r.epoch_start(epoch, epochs, steps)
+
+    def step(self, images: int, loss: float, lr: float) -> None:
+        for r in self.reporters:
+            r.step(images, loss, lr)
+
+    def epoch_end(self, metrics: dict[str, Any]) -> None:
+        for r in self.reporters:
+            r.epoch_end(metrics)
+
+    def eval_start(self, batches: int) -> None:
+        for r in self.reporters:
+            r.eval_start(batches)
+
+    def eval_step(self, images: int) -> None:
+        for r in self.reporters:
+            r.eval_step(images)
+
+    def update(self, num_updates: int, figures: dict[str, float]) -> None:
+        for r in self.reporters:
+            r.update(num_updates, figures)
+
+    def final(self, metrics: dict[str, Any]) -> None:
+        for r in self.reporters:
+            r.final(metrics)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()
 
 
 class StopRequest:

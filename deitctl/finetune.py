@@ -3,15 +3,15 @@ embeddings resampled to the student's grid, tokens kept, heads of another class 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deitctl.checkpoint import extract_state_dict, load_file
+from deitctl.checkpoint import extract_state_dict
 from deitctl.errors import RecipeError
 from deitctl.recipe import Recipe
+from deitctl.weights import available, load_source
 
 HEAD_PREFIXES = ("head.", "head_dist.", "fc.", "classifier.")
 DIST_KEYS = ("dist_token",)
@@ -22,9 +22,9 @@ def init_student(model: nn.Module, path: str, recipe: Recipe) -> list[str]:
     position embedding is resampled (bicubic) to the student's patch grid,
     class and distillation tokens are kept, and heads whose class count
     differs are dropped and left freshly initialised. Returns notes."""
-    if not path or not Path(path).is_file():
+    if not available(path):
         raise RecipeError(f"no such file {path!r}", source=recipe.source, key="student.checkpoint")
-    state = dict(extract_state_dict(load_file(path), path))
+    state = dict(extract_state_dict(load_source(path), path))
     own = model.state_dict()
     notes: list[str] = []
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:

@@ -97,6 +97,19 @@ KINDS: tuple[Kind, ...] = (
         "Yields ``(image, target)`` and has ``classes``, the class names in target order "
         "(the run's class list and count come from the training split's).",
     ),
+    Kind(
+        "loggers",
+        "logger",
+        "run",
+        "loggers",
+        ("output_dir", "run_name", "recipe", "resume"),
+        "factory(*, output_dir: str, run_name: str, recipe: dict, resume: bool) -> deitctl.api.Logger",
+        "Receives the resolved recipe (``log_hparams``), the training figures every ``[run] log_every`` "
+        "updates (``log_step``), each epoch's metrics (``log_epoch``) and the final results (``log_final``), "
+        "on the main process only. Import the tracker's package in the factory (a missing one stops the run "
+        "at start-up, exit code 2); open files or connections in ``log_hparams``, which comes first.",
+        many=True,
+    ),
 )
 
 BY_NAME: dict[str, Kind] = {k.name: k for k in KINDS}

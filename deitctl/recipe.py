@@ -175,6 +175,18 @@ def _check_combinations(recipe: Recipe) -> None:
                 )
         if any(s <= 0 for s in t.std):
             raise RecipeError(f"every std must be positive, got {t.std!r}", source=src, key="teacher.std")
+        if t.download and not t.download.startswith(("timm:", "http://", "https://", "file://")):
+            raise RecipeError(
+                f"expected timm:MODEL.TAG or an http(s)/file URL, got {t.download!r} (a file goes in checkpoint)",
+                source=src,
+                key="teacher.download",
+            )
+        if t.download and t.recipe:
+            raise RecipeError(
+                "set one way to obtain missing teacher weights: download them, or train them with recipe",
+                source=src,
+                key="teacher.download",
+            )
         if t.recipe and not t.checkpoint:
             raise RecipeError(
                 "a teacher recipe needs [teacher] checkpoint: the file its run produces (e.g. runs/teacher/best.pt)",

@@ -12,6 +12,7 @@ from deitctl.errors import RecipeError, UserError
 from deitctl.events import Reporter
 from deitctl.recipe import Recipe, load_recipe
 from deitctl.rundir import LAST, RunDir, RunLock
+from deitctl.tracking import build_loggers, close_loggers, with_loggers
 from deitctl.trainer import Trainer, TrainResult
 
 MAX_TEACHER_DEPTH = 2
@@ -131,12 +132,21 @@ def run_training(
     say = say if world.is_main else _silent
     for warning in recipe.warnings:
         say(f"warning: {warning}")
+    if world.is_main:  # a logger whose package is missing stops the run before it touches the directory
+        close_loggers(build_loggers(recipe), say)
     lock, resume = _claim_everywhere(recipe, start, world, say)
     try:
-        t = recipe.teacher
-        if recipe.uses_teacher and t is not None and not t.cache:  # with a cache, no step needs the teacher
-            ensure_teacher(recipe, world=world, reporter=reporter, say=say, depth=depth)
-        trainer = Trainer(recipe, reporter(recipe), world=world)
+        loggers = build_loggers(recipe, resume=resume) if world.is_main else []
+        if loggers:
+            say(f"loggers: {', '.join(name for name, _ in loggers)}")
+        try:
+            t = recipe.teacher
+            if recipe.uses_teacher and t is not None and not t.cache:  # with a cache, no step needs the teacher
+                ensure_teacher(recipe, world=world, reporter=reporter, say=say, depth=depth)
+            trainer = Trainer(recipe, with_loggers(reporter(recipe), loggers, recipe, say), world=world)
+        except BaseException:
+            close_loggers(loggers, say)
+            raise
         try:
             result = trainer.fit(resume=resume)
         finally:

@@ -102,6 +102,20 @@ def resolve_gelu_backward(device: torch.device, compile: bool, gelu_backward: st
     return "saved" if compile and device.type == "cpu" else "recompute"
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int, cap: int = 4) -> int:
+    """Loader workers for evaluation and prediction: at most ``cap``, and never more than
+    the usable cores (torch warns beyond that, and they would only compete)."""
+    return max(0, min(requested, cap, usable_cpus()))
+
+
 def set_threads(threads: int) -> None:
     """Intra-op threads for this process (0: leave torch's default)."""
     if threads > 0:

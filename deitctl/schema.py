@@ -59,6 +59,8 @@ class RunSection:
         "library's defaults",
     )
     progress: str = _f("auto", "progress output", choices=("auto", "rich", "plain", "none"))
+    loggers: list[str] = _f([], "logger plugins that receive the run's figures (tensorboard, mlflow, wandb, ...)")
+    log_every: int = _f(50, "send the training loss, lr, images/s and fp16 scale to the loggers every N updates", min=1)
 
 
 @dataclass
@@ -91,15 +93,20 @@ class DataSection:
 @dataclass
 class StudentSection:
     plugin: str = _f("deit", "student plugin")
-    checkpoint: str = _f("", "initialise the student from this file")
+    checkpoint: str = _f("", "initialise the student from this file, timm:MODEL.TAG or an http(s)/file URL")
     options: dict = field(default_factory=dict)
 
 
 @dataclass
 class TeacherSection:
     plugin: str = _f("timm", "teacher plugin")
-    checkpoint: str = _f("", "teacher weights (.pth/.pt/.safetensors)")
+    checkpoint: str = _f("", "teacher weights: a file (.pth/.pt/.safetensors), timm:MODEL.TAG or an http(s)/file URL")
     recipe: str = _f("", "recipe that trains this teacher when the checkpoint does not exist yet")
+    download: str = _f(
+        "",
+        "weights to fetch when checkpoint is empty or its file does not exist: timm:MODEL.TAG "
+        "(timm's pretrained weights) or an http(s)/file URL; downloaded once, with progress, and cached",
+    )
     mean: list[float] = _f([], "the teacher's input mean (default: the student's)")
     std: list[float] = _f([], "the teacher's input std (default: the student's)")
     input_size: int = _f(0, "the teacher's resolution (0: the student's)", min=0)

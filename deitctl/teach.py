@@ -28,15 +28,10 @@ from deitctl import __version__
 from deitctl.assembly import (
     LateTransform,
     bind_transform,
-    build_augmentation,
     build_loader,
-    build_student,
-    build_teacher,
     build_train_split,
     check_batch_count,
-    check_output,
     decode_threads,
-    normalization,
     unreadable_up_front,
 )
 from deitctl.cache_identity import differences, require_indexed, state_sha256, stream_identity, teacher_identity
@@ -44,6 +39,7 @@ from deitctl.checkpoint import atomic_write
 from deitctl.distributed import World, barrier
 from deitctl.errors import RecipeError, UserError
 from deitctl.events import StepClock
+from deitctl.factories import build_augmentation, build_student, build_teacher, check_output, normalization
 from deitctl.image_cache import cache_decoded
 from deitctl.recipe import Recipe
 from deitctl.rng import batch_seed, seed_everything, seeded_batch

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from deitctl.assembly import Parts, assemble, build_teacher, check_output, has_dist_token
+from deitctl.assembly import Parts, assemble
 from deitctl.distributed import World, all_reduce_sum, any_rank
 from deitctl.errors import RunError, UserError
 from deitctl.evaluation import evaluate
 from deitctl.events import Reporter, StepClock, StopRequest
+from deitctl.factories import build_teacher, check_output, has_dist_token
 from deitctl.optim import make_optimizer, make_scheduler, optimizer_implementation, scaled_lr, scheduler_epoch_after
 from deitctl.recipe import Recipe
 from deitctl.rng import batch_seed, seed_everything, seeded_batch
@@ -203,6 +204,8 @@ class Trainer:
             self.reporter.log(f"warning: {skipped} unreadable training images were skipped")
         if pos.skipped_steps:
             self.reporter.log(f"{pos.skipped_steps} fp16 steps were skipped by the gradient scaler (inf/NaN gradients)")
+        if last_metrics and epoch + 1 == r.run.epochs:
+            self.reporter.final({**last_metrics, "best_acc1": pos.best_acc1, "epochs": epoch + 1})
         return TrainResult(self.out, pos.best_acc1, last_metrics, epoch + 1)
 
     def _begin(self, resume: bool) -> None:
@@ -283,11 +286,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         every = self.recipe.run.checkpoint_every
         for step, (images, targets) in enumerate(loader, start=skip):
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's (the update moves the schedule on)
             loss_value = self.train_step(images, targets, epoch=epoch, step=step)
             total_loss += loss_value * images.shape[0]
             seen += images.shape[0]
             self.reporter.step(images.shape[0] * self.world_size, loss_value, self.optimizer.param_groups[0]["lr"])
-            if (step + 1) % self.accumulate or step + 1 == steps:
+            update = (step + 1) % self.accumulate == 0
+            if update and pos.num_updates % self.recipe.run.log_every == 0:
+                scale = {"scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
+                self.reporter.update(pos.num_updates, {"lr": lr, **scale})
+            if not update or step + 1 == steps:
                 continue  # not an update boundary, or the epoch's end (committed with the epoch)
             if any_rank(stop.requested, self.device):
                 stopped_at = step + 1

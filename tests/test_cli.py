@@ -92,7 +92,7 @@ def test_teacher_checkpoint_layouts(layout, tmp_path):
     """Official DeiT ({"model": ...}), timm ({"state_dict": ...}), EMA, DDP prefixes, safetensors."""
     import timm
 
-    from deitctl.assembly import build_teacher
+    from deitctl.factories import build_teacher
     from deitctl.recipe import check_plugins, recipe_from_dict
 
     source = timm.create_model("resnet18", num_classes=10, channels=[8, 16, 32, 64])
@@ -203,7 +203,8 @@ def test_a_misspelt_hook_is_reported_not_ignored(tmp_path, monkeypatch):
         {
             "provider": "typo_plugin",
             "error": "unknown hook 'register_teacher' (did you mean 'register_teachers'?); deitctl's hooks: "
-            "register_teachers, register_students, register_augmentations, register_strategies, register_datasets",
+            "register_teachers, register_students, register_augmentations, register_strategies, register_datasets, "
+            "register_loggers",
         }
     ]
     assert not any(row["name"] == "typo" for row in listing["plugins"])

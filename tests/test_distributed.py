@@ -61,7 +61,7 @@ def runs(tmp_path_factory):
             "deitctl",
         ],
         base / "ddp",
-        ["data.batch_size=4"],
+        ["data.batch_size=4", 'run.loggers=["tensorboard"]', "run.log_every=1"],
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     accumulate = _run(["-m", "deitctl"], base / "accumulate", ["data.batch_size=4", "optimizer.accumulate=2"])
@@ -75,6 +75,20 @@ def _close(a: dict, b: dict, atol: float = 2e-5) -> None:
         torch.testing.assert_close(
             a[key].float(), b[key].float(), atol=atol, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}"
         )
+
+
+def test_ddp_only_rank_0_sends_figures_to_the_loggers(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base, _, _ = runs
+    files = list((base / "ddp" / "tensorboard").glob("events.out.tfevents.*"))
+    assert files and len({f.name.rsplit(".", 2)[1] for f in files}) == 1  # one process id
+    events = EventAccumulator(str(base / "ddp" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("epoch/acc1")] == [1, 2]
+    metrics = read_metrics(base / "ddp")
+    updates = sum(m["train_images"] for m in metrics) // 8  # global batch 2 x 4
+    assert [e.step for e in events.Scalars("step/train_loss")] == list(range(1, updates + 1))
 
 
 def test_ddp_logs_each_epoch_once_and_states_world_size(runs):

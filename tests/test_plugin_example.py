@@ -355,7 +355,7 @@ def test_build_teacher_gives_logits_of_shape_batch_by_classes(acme_in_process, t
     from deitctl_acme_teacher import acme_cnn
     from deitctl_acme_teacher.model import AcmeCNN
 
-    from deitctl.assembly import IMAGENET_MEAN, IMAGENET_STD, build_teacher
+    from deitctl.factories import IMAGENET_MEAN, IMAGENET_STD, build_teacher
     from deitctl.recipe import load_recipe
     from deitctl.teacher import FrozenTeacher
 

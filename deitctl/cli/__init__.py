@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from deitctl.cli import data, evaluate, teach, tools, train  # noqa: F401  (each module adds its commands)
+from deitctl.cli import data, evaluate, export, teach, tools, train  # noqa: F401  (each module adds its commands)
 from deitctl.cli.app import DEBUG_ENV, app
 
 __all__ = ["app", "main"]

@@ -15,29 +15,54 @@ from deitctl.cli.app import SetOption, Sets, app, handles_errors, out, warn
 @handles_errors
 def eval_cmd(
     ckpt: Path = typer.Option(..., "--ckpt", help="A deitctl checkpoint, or official DeiT/timm weights with --model."),
-    data: Path | None = typer.Option(None, "--data", help="Dataset root (overrides the checkpoint's recipe)."),
+    data: list[Path] | None = typer.Option(
+        None, "--data", help="Dataset root (overrides the checkpoint's recipe); repeat to evaluate on several sets."
+    ),
+    labels: list[Path] | None = typer.Option(
+        None,
+        "--labels",
+        metavar="FILE.json",
+        help="Multi-label ground truth in the ImageNet-ReaL format (reports real_acc1); one per --data.",
+    ),
+    confusion: Path | None = typer.Option(
+        None, "--confusion", metavar="FILE.png", help="Draw the confusion matrix (numbered per set with several)."
+    ),
     model: str | None = typer.Option(None, "--model", help="timm model name, for checkpoints that are not deitctl's."),
     split: str | None = typer.Option(None, "--split", help="Split to evaluate (default: the recipe's val_split)."),
     ema: bool = typer.Option(False, "--ema", help="Evaluate the EMA weights."),
     sets: Sets = SetOption,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object per set (one line each), with per-class top-1."
+    ),
 ) -> None:
-    """Evaluate a checkpoint: top-1, top-5, loss; each head of a distilled student; teacher agreement."""
-    from deitctl.inference import evaluate_checkpoint
+    """Evaluate a checkpoint: top-1, top-5, loss; each head of a distilled student; teacher agreement;
+    ReaL top-1 with --labels; per-class top-1 (--json) and the confusion matrix (--confusion)."""
+    from deitctl.inference import evaluate_sets
 
-    metrics = evaluate_checkpoint(
-        ckpt, data=data, model=model, split=split, ema=ema, overrides=sets or [], warn=lambda m: warn([m])
+    results = evaluate_sets(
+        ckpt,
+        data=data or [],
+        labels=labels or [],
+        confusion=confusion,
+        model=model,
+        split=split,
+        ema=ema,
+        overrides=sets or [],
+        warn=lambda m: warn([m]),
     )
-    if as_json:
-        print(json.dumps(metrics))
-        return
-    table = Table(title=f"{ckpt} on {metrics['split']} ({metrics['images']} images)")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            table.add_row(key, f"{value:.4f}" if key == "loss" else f"{value:.2f}")
-    out.print(table)
+    for metrics in results:
+        if as_json:
+            print(json.dumps(metrics))
+            continue
+        table = Table(title=f"{ckpt} on {metrics['data']} {metrics['split']} ({metrics['images']} images)")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in metrics.items():
+            if isinstance(value, float):
+                table.add_row(key, f"{value:.4f}" if key == "loss" else f"{value:.2f}")
+        out.print(table)
+        if "confusion" in metrics:
+            out.print(f"confusion matrix: {metrics['confusion']}")
 
 
 @app.command()

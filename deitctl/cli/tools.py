@@ -13,6 +13,7 @@ from deitctl.cli.app import (
     SetOption,
     Sets,
     app,
+    err,
     handles_errors,
     load,
     out,
@@ -98,12 +99,22 @@ def benchmark(
 def compare(
     run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Output directories of `deitctl train`."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list (one object per run) instead of a table."),
+    plot: Path | None = typer.Option(
+        None, "--plot", metavar="FILE.png", help="Also draw top-1 and training loss per epoch of each run (matplotlib)."
+    ),
 ) -> None:
     """Compare runs side by side: strategy, teacher, epochs, best and last top-1, top-5, teacher agreement, images/s."""
-    from deitctl.compare import compare_runs, print_table
+    from deitctl.compare import print_table, run_history
 
-    rows = compare_runs(run_dirs)
+    histories = [run_history(p) for p in run_dirs]
+    rows = [summary for summary, _ in histories]
+    if plot is not None:
+        from deitctl.plots import plot_runs
+
+        plot_runs(histories, plot, title="top-1 and training loss per epoch")
     if as_json:
         print(json.dumps(rows, indent=2))
-        return
-    print_table(out, rows)
+    else:
+        print_table(out, rows)
+    if plot is not None:
+        err.print(f"wrote {plot}")
