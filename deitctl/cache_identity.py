@@ -24,12 +24,13 @@ from deitctl.data import base_and_indices
 from deitctl.errors import RecipeError
 from deitctl.recipe import Recipe
 from deitctl.teacher_cache import sha256_file
+from deitctl.weights import is_remote, teacher_source
 
 WORLD_SIZE = "world size"
 NORMALIZATION = "student.normalization"
 CHECKPOINT = "teacher.checkpoint"
 NOT_COMPARED = {"path"}  # informative only: the same files may live elsewhere on another machine
-TEACHER_PATHS = {"checkpoint", "recipe", "cache"}
+TEACHER_PATHS = {"checkpoint", "download", "recipe", "cache"}
 
 DISPLAY = {
     WORLD_SIZE: "the world size (processes under torchrun)",
@@ -107,9 +108,10 @@ def teacher_identity(recipe: Recipe, *, state: str | None = None) -> dict[str, A
     assert t is not None
     values = {k: v for k, v in recipe.to_dict()["teacher"].items() if k not in TEACHER_PATHS}
     out: dict[str, Any] = {f"teacher.{k}": v for k, v in values.items()}
-    path = Path(t.checkpoint) if t.checkpoint else None
+    source = teacher_source(t)  # the checkpoint file, or the timm tag or URL it falls back to
+    path = Path(source) if source and not is_remote(source) else None
     out[CHECKPOINT] = {
-        "path": t.checkpoint,
+        "path": source,
         "sha256": sha256_file(path) if path is not None and path.is_file() else None,
         "state_sha256": state,
     }
@@ -131,10 +133,13 @@ def differences(cached: dict[str, Any], now: dict[str, Any]) -> list[str]:
         if key == CHECKPOINT:
             a, b = a or {}, b or {}
             a_sha, b_sha = a.get("sha256"), b.get("sha256")
+            a_path, b_path = str(a.get("path") or ""), str(b.get("path") or "")
             if a_sha and b_sha and a_sha != b_sha:
                 out.append(
                     f"{DISPLAY[key]}: another file ({b.get('path')!r}, sha256 {b_sha[:12]}…, cache {a_sha[:12]}…)"
                 )
+            elif is_remote(a_path) and is_remote(b_path) and a_path != b_path:
+                out.append(f"{DISPLAY[key]}: other weights (cache {a_path!r}, recipe {b_path!r})")
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             a = {k: v for k, v in a.items() if k not in NOT_COMPARED}
