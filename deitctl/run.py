@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from deitctl.api import Logger
 from deitctl.distributed import World, barrier, broadcast_object
 from deitctl.errors import RecipeError, UserError
 from deitctl.events import Reporter
@@ -68,22 +69,30 @@ def _refusal(run_dir: RunDir) -> UserError:
     )
 
 
+Loggers = list[tuple[str, Logger]]
+
+
 def _claim_everywhere(
     recipe: Recipe, start: Start, world: World, say: Callable[[str], None]
-) -> tuple[RunLock | None, bool]:
-    """Rank 0 claims the directory; every rank learns the decision (or the refusal)."""
-    lock, resume, error = None, False, None
+) -> tuple[RunLock | None, bool, Loggers]:
+    """Rank 0 builds the recipe's loggers (a missing package stops the run before the
+    directory is touched) and claims the directory; every rank learns the decision, or the
+    refusal. Returns the lock and the loggers (rank 0's) and whether to resume."""
+    lock, resume, loggers, error = None, False, [], None
     if world.is_main:
         try:
+            expected = start == "resume" or (start == "auto" and (recipe.output_dir / LAST).is_file())
+            loggers = build_loggers(recipe, resume=expected)
             lock, resume = claim(recipe, start, say)
         except UserError as exc:
+            close_loggers(loggers, say)
             error = exc
     message, resume = broadcast_object((str(error) if error else None, resume))
     if error is not None:
         raise error
     if message is not None:
         raise UserError(message)
-    return lock, resume
+    return lock, resume, loggers
 
 
 def ensure_teacher(
@@ -132,11 +141,8 @@ def run_training(
     say = say if world.is_main else _silent
     for warning in recipe.warnings:
         say(f"warning: {warning}")
-    if world.is_main:  # a logger whose package is missing stops the run before it touches the directory
-        close_loggers(build_loggers(recipe), say)
-    lock, resume = _claim_everywhere(recipe, start, world, say)
+    lock, resume, loggers = _claim_everywhere(recipe, start, world, say)
     try:
-        loggers = build_loggers(recipe, resume=resume) if world.is_main else []
         if loggers:
             say(f"loggers: {', '.join(name for name, _ in loggers)}")
         try:
