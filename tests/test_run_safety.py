@@ -189,9 +189,16 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_figures(tm
     out = tmp_path / "killed"
     rng = random.Random(15)
     kills = 0
-    for _ in range(12):
+
+    def commit_mark() -> int:
+        last = out / "last.pt"
+        return last.stat().st_mtime_ns if last.exists() else 0
+
+    for _ in range(12):  # each try is killed a random moment after its first commit, so it made progress
+        before = commit_mark()
         with reaped(spawn([*train_args(out, *slow), "--auto-resume"])) as proc:
-            time.sleep(rng.uniform(4.0, 12.0))  # start-up is about 4 s; then anywhere in training
+            wait_for(lambda: commit_mark() != before, proc, "a commit of last.pt")  # noqa: B023
+            time.sleep(rng.uniform(0.0, 1.5))  # mid-step, mid-save or mid-evaluation
             if proc.poll() is not None:
                 assert proc.returncode == 0, proc.stdout.read() if proc.stdout else ""
                 break
