@@ -17,28 +17,37 @@ their recipe's process-wide settings (``run.retain_host_memory``);
 
 deitctl's side is ``deitctl.trainer.Trainer`` built from a recipe (synthetic
 data, so no files), stepped by :func:`deitctl.benchmark.train_step`, which is
-the body of ``Trainer.train_one_epoch``'s loop (the trainer's own Mixup,
-forwards, strategy and ``_backward``). Variants:
+the body of ``Trainer.train_one_epoch``'s loop. Fixed speed combinations (every
+speed key set explicitly) and ``auto``:
 
-  deitctl            the engine as it is, fp32 (its defaults: teacher in inference mode,
-                     fused AdamW, fused attention kernel in fp32)
-  bf16               recipe run.precision = "bf16" (autocast; attention "auto" picks the
-                     explicit-matmul kernel for bf16 on CPU)
-  bf16_fused_attn    bf16 with run.attention = "fused" (PyTorch's flash kernel; slow
-                     backward in bf16 on CPU)
-  teacher_bf16       prototype: only the teacher under bf16 autocast (student fp32)
-  channels_last      recipe run.channels_last = true (the teacher)
-  loop_adamw         recipe optimizer.implementation = "loop" (the reference's AdamW)
-  compile            recipe run.compile = true (torch.compile student and teacher)
+  deitctl            fp32, fused attention, eager (the defaults of an fp32 recipe)
+  fp32_math          fp32, explicit-matmul attention
+  bf16               bf16 autocast, explicit-matmul attention
+  bf16_fused_attn    bf16, PyTorch's fused attention kernel
+  channels_last      fp32, the teacher in channels_last
+  compile            fp32, torch.compile (student and teacher), GELU derivative stored
   best_eager         bf16 + channels_last
-  best               best_eager + compile
+  best               bf16 + channels_last + compile
+  auto               every speed key "auto": deitctl measures the candidates on this
+                     machine when the trainer is built (a fresh cache), then trains
+  teacher_bf16       prototype: only the teacher under bf16 autocast (student fp32)
+  loop_adamw         optimizer.implementation = "loop" (the reference's AdamW)
+
+Shapes (``--shape``; the flags below change single dimensions):
+
+  quickstart  recipes/quickstart.toml's models: DeiT-Ti⚗ (6 blocks, 128 wide), patch 8
+              on 32 px (16 tokens), batch 64, a ResNet-18 teacher (32-256 channels)
+  ti64        DeiT-Ti⚗ (12 blocks), patch 4 on 32 px (64 tokens), batch 64, the same teacher
+  s224        DeiT-S⚗ at 224 px (196 tokens), batch 8, a ResNet-50 teacher
 
 The reference: timm model, timm Mixup, a DistillationLoss that runs the
 teacher inside the loss under no_grad, AdamW from timm's optimizer factory
 (as the official main.py), eager fp32, ``loss.backward(); optimizer.step()``.
+The summary gives deitctl fp32 / reference, the fastest fixed combination, and
+auto / fastest fixed and auto / fp32 (goals: ≥ 1.0, ≥ 0.93 and ≥ 1.0).
 
-    python benchmarks/step_vs_reference.py                 # the defaults below
-    python benchmarks/step_vs_reference.py --threads 1 --variants deitctl,bf16,best_eager
+    python benchmarks/step_vs_reference.py --shape ti64 --json ti64.json
+    python benchmarks/step_vs_reference.py --shape s224 --variants deitctl,bf16,compile,best,auto
 """
 
 from __future__ import annotations
@@ -46,10 +55,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,29 +69,37 @@ from torch import nn
 
 from alternate import Runner, Step, alternate, local_runner, median_step_s, remote_runner, speed_ratios
 
-ALL_VARIANTS = (
-    "deitctl",
-    "bf16",
-    "bf16_fused_attn",
-    "teacher_bf16",
-    "channels_last",
-    "loop_adamw",
-    "compile",
-    "best_eager",
-    "best",
-)
+FIXED = ("deitctl", "fp32_math", "bf16", "bf16_fused_attn", "channels_last", "compile", "best_eager", "best")
+ALL_VARIANTS = (*FIXED, "auto", "teacher_bf16", "loop_adamw")
+DEFAULT_VARIANTS = (*FIXED, "auto")
 EAGER_BEST = ("bf16", "channels_last")
 TWEAKS = {
     "deitctl": (),
-    "bf16": ("bf16",),
-    "bf16_fused_attn": ("bf16", "fused_attn"),
+    "fp32_math": ("math",),
+    "bf16": ("bf16", "math"),
+    "bf16_fused_attn": ("bf16",),
     "teacher_bf16": ("teacher_bf16",),
     "channels_last": ("channels_last",),
     "loop_adamw": ("loop_adamw",),
     "compile": ("compile",),
-    "best_eager": EAGER_BEST,
-    "best": EAGER_BEST + ("compile",),
+    "best_eager": (*EAGER_BEST, "math"),
+    "best": (*EAGER_BEST, "math", "compile"),
+    "auto": ("auto",),
 }
+SHAPES = {
+    "quickstart": dict(
+        student="deit_tiny_distilled_patch16_224", img_size=32, patch=8, depth=6, embed_dim=128, heads=2,
+        batch=64, teacher="resnet18", teacher_channels=[32, 64, 128, 256],
+    ),
+    "ti64": dict(
+        student="deit_tiny_distilled_patch16_224", img_size=32, patch=4, depth=12, embed_dim=192, heads=3,
+        batch=64, teacher="resnet18", teacher_channels=[32, 64, 128, 256],
+    ),
+    "s224": dict(
+        student="deit_small_distilled_patch16_224", img_size=224, patch=16, depth=12, embed_dim=384, heads=6,
+        batch=8, teacher="resnet50", teacher_channels=[],
+    ),
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the reference (official DeiT style)
@@ -158,12 +177,15 @@ def build_reference(
         img_size=args.img_size,
         patch_size=args.patch,
         depth=args.depth,
+        embed_dim=args.embed_dim,
+        num_heads=args.heads,
         drop_path_rate=args.drop_path,
     )
     model.load_state_dict(student_state)
     model.set_distilled_training(True)
     model.to(device).train()
-    teacher = timm.create_model(args.teacher, num_classes=args.classes, channels=args.teacher_channels)
+    channels = {"channels": args.teacher_channels} if args.teacher_channels else {}
+    teacher = timm.create_model(args.teacher, num_classes=args.classes, **channels)
     teacher.load_state_dict(teacher_state)
     teacher.to(device).eval()
     mixup_fn = Mixup(
@@ -184,7 +206,7 @@ def build_reference(
 
 
 def recipe_text(args: argparse.Namespace, output_dir: str) -> str:
-    channels = ", ".join(str(c) for c in args.teacher_channels)
+    channels = f"channels = [{', '.join(str(c) for c in args.teacher_channels)}]" if args.teacher_channels else ""
     return f"""
 [run]
 name = "step_vs_reference"
@@ -193,6 +215,10 @@ epochs = 300
 seed = 0
 device = {json.dumps(args.device)}
 precision = "fp32"
+attention = "fused"
+compile = false
+gelu_backward = "recompute"
+channels_last = false
 
 [data]
 dataset = "synthetic"
@@ -208,12 +234,14 @@ plugin = "deit"
 model = {json.dumps(args.student)}
 patch_size = {args.patch}
 depth = {args.depth}
+embed_dim = {args.embed_dim}
+num_heads = {args.heads}
 drop_path = {args.drop_path}
 
 [teacher]
 plugin = "timm"
 model = {json.dumps(args.teacher)}
-channels = [{channels}]
+{channels}
 checkpoint = ""
 
 [augmentation]
@@ -239,15 +267,20 @@ def build_deitctl(args: argparse.Namespace, tweaks: tuple[str, ...], output_dir:
     from deitctl.trainer import Trainer
 
     settings = {
-        "bf16": 'run.precision="bf16"',
-        "fused_attn": 'run.attention="fused"',
-        "channels_last": "run.channels_last=true",
-        "loop_adamw": 'optimizer.implementation="loop"',
-        "compile": "run.compile=true",
+        "bf16": ['run.precision="bf16"'],
+        "math": ['run.attention="math"'],
+        "channels_last": ["run.channels_last=true"],
+        "loop_adamw": ['optimizer.implementation="loop"'],
+        "compile": ["run.compile=true", 'run.gelu_backward="saved"'],
+        "auto": [f'run.{k}="auto"' for k in args.auto_keys],
     }
-    overrides = [settings[t] for t in tweaks if t in settings]
+    overrides = [item for t in tweaks for item in settings.get(t, [])]
     recipe = recipe_from_text(recipe_text(args, output_dir), "<step_vs_reference>", overrides)
     trainer = Trainer(recipe)
+    if "auto" in tweaks and (path := os.environ.get("STEP_VS_REFERENCE_AUTO")):
+        tuning = trainer.tuning
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"chosen": tuning.speed.label(), "how": tuning.how, "seconds": tuning.seconds}, f)
     if "teacher_bf16" in tweaks:  # prototype: the teacher alone in bf16, fp32 logits out
         live = trainer.teachers  # a LiveTeacher: the teacher's forward on every step
         teacher_fp32 = live.forward
@@ -311,23 +344,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--shape", default="ti64", choices=tuple(SHAPES), help="model and batch shape (see above)")
     p.add_argument(
         "--variants",
-        default=",".join(ALL_VARIANTS),
+        default=",".join(DEFAULT_VARIANTS),
         help=f"comma-separated, from {', '.join(ALL_VARIANTS)} (the reference always runs)",
+    )
+    p.add_argument(
+        "--auto-keys",
+        type=lambda s: [k for k in s.split(",") if k],
+        default=["precision", "attention", "compile", "gelu_backward", "channels_last"],
+        help='the speed keys the auto variant sets to "auto" (the others stay as deitctl\'s fp32 defaults)',
     )
     p.add_argument("--rounds", type=int, default=5, help="alternation rounds")
     p.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compilation happens here)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--patch", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--embed-dim", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--student", default="deit_tiny_distilled_patch16_224")
-    p.add_argument("--teacher", default="resnet18")
-    p.add_argument("--teacher-channels", type=lambda s: [int(c) for c in s.split(",")], default=[32, 64, 128, 256])
+    p.add_argument("--student", default=None)
+    p.add_argument("--teacher", default=None)
+    p.add_argument("--teacher-channels", type=lambda s: [int(c) for c in s.split(",") if c], default=None)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument(
@@ -346,6 +388,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write deitctl's recipe for these settings (fp32) to PATH and exit",
     )
     args = p.parse_args(argv)
+    for key, value in SHAPES[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in TWEAKS]
     if unknown:
@@ -364,15 +409,23 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     out_dir = f"{tempfile.gettempdir()}/step_vs_reference-unused"  # Trainer never writes (no fit)
 
+    # auto measures in a fresh cache, so the choice is made here and now
+    cache = tempfile.mkdtemp(prefix="step_vs_reference-cache-")
+    os.environ["DEITCTL_CACHE_DIR"] = cache
+    os.environ["STEP_VS_REFERENCE_AUTO"] = auto_file = os.path.join(cache, "auto.json")
     base = build_deitctl(args, (), out_dir)
     states = {
         "student": {k: v.detach().clone() for k, v in base.student.state_dict().items()},
         "teacher": {k: v.detach().clone() for k, v in base.teacher.model.state_dict().items()},
     }
     names = ["reference"] + list(args.variants)
+    from deitctl.machine import describe, machine_info
+
+    machine = machine_info(device)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; "
-        f"{args.student} depth {args.depth} at {args.img_size} px / patch {args.patch}, batch {args.batch}; "
+        f"{describe(machine)}; shape {args.shape}: "
+        f"{args.student} depth {args.depth} width {args.embed_dim} at {args.img_size} px / patch {args.patch}, "
+        f"batch {args.batch}; "
         f"teacher {args.teacher} {args.teacher_channels}; {args.rounds} rounds x {args.steps} steps; "
         f"isolation {args.isolation}",
         flush=True,
@@ -393,11 +446,32 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for r in runners:
                 r.close()
-    report(args, runners)
+    auto = json.loads(Path(auto_file).read_text(encoding="utf-8")) if os.path.exists(auto_file) else {}
+    report(args, runners, machine, auto)
     return 0
 
 
-def report(args: argparse.Namespace, runners: list[Runner]) -> None:
+def summary(results: list[dict[str, Any]], auto: dict[str, Any]) -> dict[str, Any]:
+    """deitctl fp32 / reference, the fastest fixed combination, auto against both."""
+    ratio = {r["variant"]: r["ratio"] for r in results if "ratio" in r}
+    out: dict[str, Any] = {}
+    if "deitctl" in ratio:
+        out["fp32_vs_reference"] = ratio["deitctl"]
+    fixed = {k: v for k, v in ratio.items() if k in FIXED}
+    if fixed:
+        fastest = max(fixed, key=lambda k: fixed[k])
+        out["fastest_fixed"], out["fastest_fixed_ratio"] = fastest, fixed[fastest]
+    if "auto" in ratio:
+        out["auto_ratio"], out["auto_chosen"] = ratio["auto"], auto.get("chosen", "?")
+        out["auto_tuning_s"] = auto.get("seconds", 0.0)
+        if fixed:
+            out["auto_vs_fastest_fixed"] = ratio["auto"] / out["fastest_fixed_ratio"]
+        if "deitctl" in ratio:
+            out["auto_vs_fp32"] = ratio["auto"] / ratio["deitctl"]
+    return out
+
+
+def report(args: argparse.Namespace, runners: list[Runner], machine: dict[str, Any], auto: dict[str, Any]) -> None:
     ref = runners[0]
     results = []
     for r in runners:
@@ -430,14 +504,24 @@ def report(args: argparse.Namespace, runners: list[Runner]) -> None:
                 f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}{'':<9} "
                 f"{row['page_faults_per_step']:>12.0f} {row['system_ms_per_step']:>12.1f}"
             )
+    totals = summary(results, auto)
+    print()
+    if "fp32_vs_reference" in totals:
+        print(f"deitctl fp32 / reference: {totals['fp32_vs_reference']:.2f} (goal >= 1.0)")
+    if "auto_ratio" in totals:
+        print(f"auto chose: {totals['auto_chosen']} (measured in {totals['auto_tuning_s']:.1f} s)")
+    if "auto_vs_fastest_fixed" in totals:
+        print(f"auto / fastest fixed ({totals['fastest_fixed']}): {totals['auto_vs_fastest_fixed']:.2f} (goal >= 0.93)")
+    if "auto_vs_fp32" in totals:
+        print(f"auto / fp32 eager: {totals['auto_vs_fp32']:.2f} (goal >= 1.0)")
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(
                 {
+                    "machine": machine,
                     "settings": {k: v for k, v in vars(args).items() if k != "json_path"},
-                    "threads": torch.get_num_threads(),
-                    "torch": torch.__version__,
                     "results": results,
+                    "summary": totals,
                 },
                 f,
                 indent=2,

@@ -30,6 +30,20 @@ Measured, each after ``warmup`` untimed steps:
 ``data_images_per_s``
     the recipe's training loader alone (its transforms and worker processes),
     counted from its second batch, so worker start-up is left out.
+``machine``
+    what ran it (:func:`deitctl.machine.machine_info`): CPU model and flags or GPU name,
+    torch version, threads.
+``flops_per_image``
+    the student's forward and backward plus the teacher's forward on one training image,
+    counted by ``torch.utils.flop_counter``.
+``matmul_utilization``
+    the training step's achieved FLOP/s (``flops_per_image`` × ``train_images_per_s``) over
+    the best dense-matmul FLOP/s of this device in any precision the run may use, measured
+    in the same invocation (``matmul_flops_per_s``, per precision).
+``bound``, ``verdict``
+    what limits the run: ``data`` (the loader with the recipe's workers is slower than the
+    step), ``teacher`` (the teacher's forward is at least :data:`TEACHER_BOUND` of the step) or
+    ``compute``, and what would help.
 ``peak_memory_mb``
     on CUDA ``torch.cuda.max_memory_allocated`` over the training and
     evaluation steps; on CPU the growth of the process' peak resident set
@@ -68,6 +82,7 @@ KEYS = (
     "peak_memory_mb",
 )
 MAX_KEPT_BATCHES = 8  # distinct in-memory batches, cycled through
+TEACHER_BOUND = 0.4  # the teacher's share of the step from which the run is teacher-bound
 
 
 def _peak_rss_mb() -> float:
@@ -177,16 +192,21 @@ def run_benchmark(
     steps: int = 20,
     warmup: int = 3,
     data_batches: int = 0,
+    tune: bool = False,
     warn: Callable[[str], None] = lambda message: None,
-) -> dict[str, float]:
-    """Measure a recipe; returns the figures of :data:`KEYS`."""
+) -> dict[str, Any]:
+    """Measure a recipe; returns the figures of :data:`KEYS` and the ones described above.
+    ``tune``: first time every speed candidate (``tuning``: the table; ``tuned``: what a
+    recipe with every speed key on ``"auto"`` would take)."""
     from deitctl.evaluation import student_heads
+    from deitctl.machine import flops_per_image, machine_info, matmul_peak, precisions_available
 
     steps, warmup = max(1, steps), max(0, warmup)
     recipe = _prepare(recipe, warn)
     host_peak = _HostPeak()
-    trainer = Trainer(recipe)  # builds every part; writes nothing
+    trainer = Trainer(recipe, tune=tune)  # builds every part; writes nothing
     device = trainer.device
+    machine = machine_info(device)
 
     # the real loader alone, and the in-memory batches for the model steps
     loader = trainer.parts.train_loader
@@ -258,28 +278,76 @@ def run_benchmark(
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak = host_peak.growth_mb()
-    return {
+
+    # the step against this machine's own limit
+    x = batch(0)[0].to(device)
+    teacher = trainer.teacher if trainer.uses_teacher and not trainer.cache else None
+    flops = flops_per_image(trainer.student, teacher, x)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    matmul = matmul_peak(device, precisions_available(device, recipe.run.precision))
+    result: dict[str, Any] = {
         "train_images_per_s": train_rate,
         "train_images_per_s_cached": cached_rate,
         "eval_images_per_s": eval_images / max(eval_time, 1e-9),
         "teacher_share": share,
         "data_images_per_s": data_rate,
         "peak_memory_mb": peak,
+        "machine": machine,
+        "speed": trainer.tuning.speed.label(),
+        "flops_per_image": flops,
+        "matmul_flops_per_s": matmul,
+        "matmul_utilization": flops * train_rate / max(matmul.values()),
+    }
+    result.update(verdict(result, recipe))
+    if trainer.tuned is not None:
+        result["tuning"] = trainer.tuned.rows
+        result["tuned"] = trainer.tuned.speed.label()
+    return result
+
+
+def verdict(result: dict[str, Any], recipe: Recipe) -> dict[str, str]:
+    """``bound`` (data, teacher or compute) and a sentence with the figures and what helps."""
+    train, data = result["train_images_per_s"], result["data_images_per_s"]
+    share, cached = result["teacher_share"], result["train_images_per_s_cached"]
+    workers = recipe.data.num_workers
+    if data < train:
+        return {
+            "bound": "data",
+            "verdict": f"data-bound: the loader gives {data:.0f} img/s with {workers} workers, the step "
+            f"{train:.0f} img/s. More workers (data.num_workers, up to the cores), decoded images in RAM "
+            "(data.cache_mb), or shards with smaller images (deitctl data pack --max-side) would help.",
+        }
+    if share >= TEACHER_BOUND:
+        return {
+            "bound": "teacher",
+            "verdict": f"teacher-bound: the teacher's forward is {share:.0%} of the step. Its outputs taught "
+            f"once (deitctl teach, then [teacher] cache) make the step {cached:.0f} img/s instead of "
+            f"{train:.0f} img/s.",
+        }
+    run = recipe.run
+    fixed = [k for k in ("precision", "compile") if getattr(run, k) != "auto"]
+    hint = (
+        f' Setting run.{" and run.".join(fixed)} = "auto" lets deitctl measure the faster settings on this machine.'
+        if fixed
+        else ""
+    )
+    return {
+        "bound": "compute",
+        "verdict": f"compute-bound: the student's step at {train:.0f} img/s uses {result['matmul_utilization']:.0%} "
+        f"of this device's dense-matmul FLOP/s (the loader keeps up at {data:.0f} img/s).{hint}",
     }
 
 
-def results_table(result: dict[str, float], recipe: Recipe, *, steps: int, warmup: int) -> Table:
+def results_table(result: dict[str, Any], recipe: Recipe, *, steps: int, warmup: int) -> Table:
     """The figures as a rich table."""
     from rich.table import Table
 
-    from deitctl.runtime import resolve_device, resolve_precision
+    from deitctl.machine import describe
 
     d = recipe.data
-    device = resolve_device(recipe)
-    precision = resolve_precision(device, recipe.run.precision)
     table = Table(
-        title=f"{recipe.run.name}: batch {d.batch_size}, {d.img_size} px, precision {precision}, "
-        f"{steps} steps after {warmup} warm-up"
+        title=f"{recipe.run.name}: batch {d.batch_size}, {d.img_size} px, {result['speed']}; "
+        f"{steps} steps after {warmup} warm-up\non {describe(result['machine'])}"
     )
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -303,10 +371,38 @@ def results_table(result: dict[str, float], recipe: Recipe, *, steps: int, warmu
         f"{result['data_images_per_s']:.1f} img/s",
         f"the training loader alone ({d.num_workers} workers, its transforms)",
     )
-    cuda = device.type == "cuda"
+    table.add_row(
+        "FLOPs per image",
+        f"{result['flops_per_image'] / 1e9:.2f} GFLOP",
+        "student forward and backward, teacher forward (torch.utils.flop_counter)",
+    )
+    peaks = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in result["matmul_flops_per_s"].items())
+    table.add_row(
+        "matmul utilization",
+        f"{result['matmul_utilization'] * 100:.1f} %",
+        f"the step's FLOP/s over the best dense matmul here (GFLOP/s: {peaks})",
+    )
+    cuda = result["machine"]["device"] == "cuda"
     table.add_row(
         "memory",
         f"{result['peak_memory_mb']:.1f} MB",
         "CUDA max allocated" if cuda else "growth of the process' peak RSS (CPU)",
     )
+    return table
+
+
+def tuning_table(result: dict[str, Any]) -> Table:
+    """``--tune``: every speed candidate, timed on this machine."""
+    from rich.table import Table
+
+    from deitctl.tuning import format_row
+
+    table = Table(title=f'speed candidates (run.* = "auto" takes: {result["tuned"]})')
+    table.add_column("settings")
+    table.add_column("ms/step", justify="right")
+    table.add_column("compile s", justify="right")
+    rows = result["tuning"]
+    for row in rows:
+        label = format_row(row).split(":")[0]
+        table.add_row(label, f"{row['step_s'] * 1000:.1f}", f"{row['compile_s']:.1f}" if row["compile"] else "")
     return table

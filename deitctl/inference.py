@@ -173,7 +173,7 @@ def evaluate_sets(
     if t is not None and (not t.checkpoint or available(teacher_source(t))):
         teacher = build_teacher(recipe, len(classes), mean, std).to(device)
     precision = resolve_precision(device, recipe.run.precision)
-    attention = resolve_attention(device, precision, recipe.run.attention)
+    attention = resolve_attention(recipe.run.attention)
     for module in (student, teacher):
         if module is not None:
             set_attention(module, attention)

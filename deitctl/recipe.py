@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
@@ -78,11 +79,20 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+def _toml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def _plural(tp: Any) -> str:
     return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(tp, str(tp))
 
 
 def _check(value: Any, tp: Any, key: str, source: str) -> Any:
+    if isinstance(tp, types.UnionType):  # e.g. bool | str: one of the choices, checked next
+        if any(isinstance(value, arm) for arm in tp.__args__):
+            return value
+        names = " or ".join(_type_name(arm) for arm in tp.__args__)
+        raise RecipeError(f"expected {names}, got {value!r}", source=source, key=key)
     origin = getattr(tp, "__origin__", None)
     if origin is list:
         (item,) = tp.__args__
@@ -127,7 +137,7 @@ def _build_section(cls: type, name: str, raw: Any, source: str) -> Any:
         meta = f.metadata
         if meta.get("choices") and value not in meta["choices"]:
             raise RecipeError(
-                f"{value!r} is not one of {', '.join(map(repr, meta['choices']))}", source=source, key=dotted
+                f"{value!r} is not one of {', '.join(map(_toml, meta['choices']))}", source=source, key=dotted
             )
         minimum = meta.get("min")
         if minimum is not None and value < minimum:

@@ -11,7 +11,6 @@ import platform
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,40 +43,19 @@ def autocast_factory(device: torch.device, precision: str) -> Callable[[], Abstr
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 natively (AVX-512 BF16 or AMX); Linux only."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[-1].split())
-            break
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """``auto`` → bf16 where the hardware has it, fp16 on older GPUs, fp32 on other CPUs."""
+    """For evaluation and prediction: ``auto`` → bf16 on GPUs that have it, else fp16;
+    fp32 on CPU. (Training measures instead: :mod:`deitctl.tuning`.)"""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    return "fp32"
 
 
-def resolve_attention(device: torch.device, precision: str, attention: str) -> str:
-    """``auto`` → ``math`` for bf16/fp16 on CPU, ``fused`` otherwise.
-
-    On CPU, the backward of PyTorch's fused (flash) attention kernel is several times
-    slower in bf16 than explicit matmuls plus softmax, which do run on bf16 units:
-    ``benchmarks/README.md`` has the profile.
-    """
-    if attention != "auto":
-        return attention
-    return "math" if device.type == "cpu" and precision in ("bf16", "fp16") else "fused"
+def resolve_attention(attention: str) -> str:
+    """For evaluation and prediction: ``auto`` → ``fused`` (PyTorch's kernel)."""
+    return "fused" if attention == "auto" else attention
 
 
 def set_attention(model: nn.Module, attention: str) -> int:
@@ -88,18 +66,6 @@ def set_attention(model: nn.Module, attention: str) -> int:
             setattr(module, "fused_attn", attention == "fused")  # noqa: B010 (an attribute of timm's blocks)
             count += 1
     return count
-
-
-def resolve_gelu_backward(device: torch.device, compile: bool, gelu_backward: str) -> str:
-    """``auto`` → ``saved`` when compiling on CPU, ``recompute`` otherwise.
-
-    On a CPU, GELU's ``erf`` and ``exp`` bound its kernels, and storing the derivative
-    evaluates them once instead of twice (``deitctl.activations``); on a GPU the kernels are
-    bound by memory, which the stored fp32 derivative would add to.
-    """
-    if gelu_backward != "auto":
-        return gelu_backward
-    return "saved" if compile and device.type == "cpu" else "recompute"
 
 
 def usable_cpus() -> int:

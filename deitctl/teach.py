@@ -43,14 +43,7 @@ from deitctl.factories import build_augmentation, build_student, build_teacher, 
 from deitctl.image_cache import cache_decoded
 from deitctl.recipe import Recipe
 from deitctl.rng import batch_seed, seed_everything, seeded_batch
-from deitctl.runtime import (
-    autocast_factory,
-    configure_process,
-    resolve_attention,
-    resolve_device,
-    resolve_precision,
-    set_attention,
-)
+from deitctl.runtime import autocast_factory, configure_process, resolve_device, set_attention
 from deitctl.teacher_cache import (
     FORMAT,
     MANIFEST,
@@ -64,6 +57,7 @@ from deitctl.teacher_cache import (
     write_json,
 )
 from deitctl.teacher_source import LiveTeacher, epoch_ranges
+from deitctl.tuning import Speed, broadcast, is_auto, resolve_speed
 
 
 @dataclass
@@ -119,15 +113,15 @@ class _Stream:
     layout: Layout
 
 
-def _build(recipe: Recipe, options: TeachOptions, world_size: int, log: Callable[[str], None]) -> _Stream:
+def _build(recipe: Recipe, options: TeachOptions, world_size: int, world: World, log: Callable[[str], None]) -> _Stream:
     """The training data and augmentation, the student on ``meta`` (its normalisation), and
-    the teacher on the device at the recipe's precision, attention kernel and memory format."""
+    the teacher on the device at the recipe's speed settings (``"auto"``: the same choice as
+    training, from the same measurement, so cached and live logits agree)."""
     run, t = recipe.run, recipe.teacher
     assert t is not None
     seed_everything(run.seed)
     configure_process(run.threads, run.retain_host_memory)
     device = resolve_device(recipe)
-    precision = resolve_precision(device, run.precision)
     late = LateTransform()
     train_ds, classes = build_train_split(recipe, late)
     require_indexed(recipe, train_ds)
@@ -137,12 +131,6 @@ def _build(recipe: Recipe, options: TeachOptions, world_size: int, log: Callable
     frozen = build_teacher(recipe, num_classes, mean, std)
     check_output(recipe, frozen, num_classes, "teacher")
     state = state_sha256(frozen.model)
-    frozen = frozen.to(device)
-    set_attention(frozen, resolve_attention(device, precision, run.attention))
-    if run.channels_last:
-        frozen = frozen.to(memory_format=torch.channels_last)
-    forward = torch.compile(frozen) if run.compile else frozen
-    teacher = LiveTeacher(forward, StepClock(device), channels_last=run.channels_last)  # type: ignore[arg-type]
     aug = build_augmentation(recipe, mean, std, num_classes)
     bind_transform(train_ds, late, aug.train_transform)
     cache_decoded(train_ds, limit_mb=recipe.data.cache_mb, threads=decode_threads(recipe))
@@ -152,6 +140,14 @@ def _build(recipe: Recipe, options: TeachOptions, world_size: int, log: Callable
         log(note)
     check_batch_count(recipe, train_ds, world_size)
     loader = build_loader(recipe, train_ds, device, train=True, num_replicas=world_size, rank=0)
+    speed = _speed(recipe, device, frozen, num_classes, run.epochs * len(loader), world, log)
+    precision = speed.precision
+    frozen = frozen.to(device)
+    set_attention(frozen, speed.attention)
+    if speed.channels_last:
+        frozen = frozen.to(memory_format=torch.channels_last)
+    forward = torch.compile(frozen) if speed.compile else frozen
+    teacher = LiveTeacher(forward, StepClock(device), channels_last=speed.channels_last)  # type: ignore[arg-type]
     autocast = autocast_factory(device, precision)
     with autocast():
         probe = teacher.logits(torch.zeros(2, 3, recipe.data.img_size, recipe.data.img_size, device=device), 0, 0)
@@ -170,6 +166,29 @@ def _build(recipe: Recipe, options: TeachOptions, world_size: int, log: Callable
         shard_steps=options.shard_steps,
     )
     return _Stream(loader, aug.batch_transform, teacher, autocast, device, identity, layout)
+
+
+def _speed(
+    recipe: Recipe,
+    device: torch.device,
+    teacher: torch.nn.Module,
+    num_classes: int,
+    total_steps: int,
+    world: World,
+    log: Callable[[str], None],
+) -> Speed:
+    """Training's speed settings for this recipe (:func:`deitctl.tuning.resolve_speed`, with
+    the recipe's real student): rank 0 decides."""
+    tuning = None
+    if world.is_main:
+        student = build_student(recipe, num_classes) if is_auto(recipe.run) else torch.nn.Identity()
+        d = recipe.data
+        batch = (d.batch_size, 3, d.img_size, d.img_size)
+        tuning = resolve_speed(
+            recipe.run, device, student, teacher, batch=batch, num_classes=num_classes, total_steps=total_steps
+        )
+        log(tuning.summary())
+    return broadcast(tuning).speed
 
 
 def _disk_error(path: Path, exc: OSError) -> UserError:
@@ -300,7 +319,7 @@ def teach(
     if t.checkpoint and not Path(t.checkpoint).is_file():
         raise RecipeError(f"no such file {t.checkpoint!r}", source=recipe.source, key="teacher.checkpoint")
     world_size = options.world_size or world.world_size
-    stream = _build(recipe, options, world_size, log)
+    stream = _build(recipe, options, world_size, world, log)
     _open_cache(recipe, cache, stream, world)
     layout = stream.layout
     start, stop = options.epochs or (0, recipe.run.epochs)

@@ -120,6 +120,12 @@ def read_manifest(cache: Path) -> tuple[dict[str, Any], Layout]:
     return manifest, layout
 
 
+def cache_precision(cache: Path) -> str:
+    """The precision the cached logits were computed at (``run.precision`` resolved)."""
+    manifest, _ = read_manifest(cache)
+    return str(manifest.get("identity", {}).get("run.precision", ""))
+
+
 def cached_epochs(cache: Path, layout: Layout) -> dict[int, dict[str, Any]]:
     """The complete epochs (0-based) whose shards are all there with their recorded size;
     an epoch record whose shards are missing or truncated is left out (a partial copy)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -22,16 +23,10 @@ from deitctl.optim import make_optimizer, make_scheduler, optimizer_implementati
 from deitctl.recipe import Recipe
 from deitctl.rng import batch_seed, seed_everything, seeded_batch
 from deitctl.rundir import RunDir
-from deitctl.runtime import (
-    autocast_factory,
-    configure_process,
-    resolve_attention,
-    resolve_gelu_backward,
-    resolve_precision,
-    set_attention,
-)
+from deitctl.runtime import autocast_factory, configure_process, set_attention
 from deitctl.teacher_source import LiveTeacher, TeacherSource, cached_source
 from deitctl.train_state import Position, TrainState
+from deitctl.tuning import KEYS, Tuning, broadcast, resolve_speed
 
 
 @dataclass
@@ -45,7 +40,11 @@ class TrainResult:
 class Trainer:
     """One training run: a recipe's parts, assembled once, and the loop that trains them."""
 
-    def __init__(self, recipe: Recipe, reporter: Reporter | None = None, *, world: World | None = None) -> None:
+    def __init__(
+        self, recipe: Recipe, reporter: Reporter | None = None, *, world: World | None = None, tune: bool = False
+    ) -> None:
+        """``tune``: first measure every speed candidate, as if each speed key were ``"auto"``
+        (``deitctl benchmark --tune``; :attr:`tuned` holds the table)."""
         self.recipe, self.reporter = recipe, reporter or Reporter()
         self.world = world or World()
         self.rank, self.world_size = self.world.rank, self.world.world_size
@@ -57,7 +56,7 @@ class Trainer:
         self.parts: Parts = assemble(recipe, world=self.world, with_teacher=recipe.uses_teacher and not self.cache)
         self.device = self.parts.device
         self.clock = StepClock(self.device)
-        self._setup_speed()
+        self._setup_speed(tune)
         self._setup_models()
         self._setup_optimization()
         self.train_state = TrainState(
@@ -66,18 +65,44 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
 
-    def _setup_speed(self) -> None:
-        """Process-wide settings, then the precision, attention kernel and GELU backward."""
-        run = self.recipe.run
-        self.retains_host_memory = configure_process(run.threads, run.retain_host_memory)
-        self.precision = resolve_precision(self.device, run.precision)
+    def _setup_speed(self, tune: bool) -> None:
+        """Process-wide settings, then the speed settings: the recipe's, or for ``"auto"``
+        measured on this machine (:mod:`deitctl.tuning`; rank 0 decides)."""
+        r, p = self.recipe, self.parts
+        self.retains_host_memory = configure_process(r.run.threads, r.run.retain_host_memory)
+        tuning, self.tuned = None, None
+        shape = dict(
+            batch=(r.data.batch_size, 3, r.data.img_size, r.data.img_size),
+            num_classes=p.num_classes,
+            total_steps=r.run.epochs * len(p.train_loader),
+        )
+        if tune:
+            every = dataclasses.replace(r.run, **dict.fromkeys(KEYS, "auto"))  # type: ignore[arg-type]
+            self.tuned = resolve_speed(every, self.device, p.student, p.teacher, retune=True, **shape)  # type: ignore[arg-type]
+        if self.world.is_main:
+            fixed = ""
+            if self.cache and r.run.precision == "auto":  # the cached logits' precision
+                from deitctl.teacher_cache import cache_precision
+
+                fixed = cache_precision(Path(self.cache))
+            tuning = resolve_speed(
+                r.run,
+                self.device,
+                p.student,
+                p.teacher,
+                fixed_precision=fixed,
+                log=self.reporter.log,
+                **shape,  # type: ignore[arg-type]
+            )
+        self.tuning: Tuning = broadcast(tuning)
+        s = self.tuning.speed
+        self.precision, self.attention, self.gelu_backward = s.precision, s.attention, s.gelu_backward
+        self.compile, self.channels_last = s.compile, s.channels_last
         self.autocast = autocast_factory(self.device, self.precision)
-        self.attention = resolve_attention(self.device, self.precision, run.attention)
-        self.gelu_backward = resolve_gelu_backward(self.device, run.compile, run.gelu_backward)
 
     def _setup_models(self) -> None:
         """Student and teacher on the device with the speed settings; EMA, compile, DDP."""
-        run, p = self.recipe.run, self.parts
+        p = self.parts
         self.student = p.student.to(self.device)
         set_attention(self.student, self.attention)
         if self.gelu_backward == "saved":
@@ -94,7 +119,7 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.student, decay=self.recipe.ema.decay, use_warmup=self.recipe.ema.warmup)
         self.forward: nn.Module = self.student
-        if run.compile:
+        if self.compile:
             self.forward = torch.compile(self.student)  # type: ignore[assignment]
         if self.world.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -104,13 +129,12 @@ class Trainer:
 
     def _live_teacher(self, teacher: nn.Module) -> LiveTeacher:
         """The teacher on the device with the speed settings, run on every step."""
-        run = self.recipe.run
         self.teacher = teacher.to(self.device)
         set_attention(self.teacher, self.attention)
-        if run.channels_last:
+        if self.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        forward = torch.compile(self.teacher) if run.compile else self.teacher
-        return LiveTeacher(forward, self.clock, channels_last=run.channels_last)  # type: ignore[arg-type]
+        forward = torch.compile(self.teacher) if self.compile else self.teacher
+        return LiveTeacher(forward, self.clock, channels_last=self.channels_last)  # type: ignore[arg-type]
 
     def _cached_teacher(self) -> TeacherSource:
         """``[teacher] cache`` for this process; the live teacher for the epochs it lacks."""
@@ -230,9 +254,8 @@ class Trainer:
             f"{r.run.name}: {self.parts.num_classes} classes, {len(self.parts.train_loader.dataset)} training images, "  # type: ignore[arg-type]
             f"device {self.device}, world size {self.world_size}, lr {self.lr:.3g}"
         )
-        auto = " (auto)" if r.run.precision == "auto" else ""
+        self.reporter.log(self.tuning.summary())
         self.reporter.log(
-            f"precision {self.precision}{auto}, attention {self.attention}, GELU backward {self.gelu_backward}, "
             f"optimizer {r.optimizer.name} ({optimizer_implementation(self.optimizer)}), "
             f"{torch.get_num_threads()} threads"
             + (", freed host memory kept for reuse" if self.retains_host_memory else "")
@@ -386,7 +409,7 @@ class Trainer:
             on_batch=self.reporter.eval_step,
         )
         teacher = self._eval_teacher() if with_teacher else None
-        metrics = evaluate(self.student, loader, teacher=teacher, channels_last=self.recipe.run.channels_last, **common)
+        metrics = evaluate(self.student, loader, teacher=teacher, channels_last=self.channels_last, **common)
         if self.ema is not None:
             ema = evaluate(self.ema.module, loader, **common)
             metrics.update({"acc1_ema": ema["acc1"], "acc5_ema": ema["acc5"]})

@@ -28,6 +28,13 @@ from typer.testing import CliRunner
 from deitctl.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# speed settings measured by run.* = "auto" are cached per machine; the tests keep their own
+# cache (shared by every test and subprocess of the session), never the user's
+if "DEITCTL_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["DEITCTL_CACHE_DIR"] = tempfile.mkdtemp(prefix="deitctl-test-cache-")
 SAMPLE = ROOT / "data" / "cifar10-sample"
 """6,000 real CIFAR-10 images shipped with the repository (train/ and val/)."""
 RECIPES = ROOT / "recipes"

@@ -10,9 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from deitctl.activations import SavedDerivativeGELU, gelu_and_derivative, save_gelu_derivative
-from deitctl.runtime import resolve_gelu_backward
-
-CPU = torch.device("cpu")
 
 
 def test_value_and_derivative_match_torch_over_the_whole_range():
@@ -49,13 +46,6 @@ def test_swaps_exact_gelus_only_and_keeps_the_state_dict():
     assert sum(isinstance(m, SavedDerivativeGELU) for m in model.modules()) == 2
     assert isinstance(model.tanh_gelu, nn.GELU)
     assert list(model.state_dict()) == keys
-
-
-def test_resolved_from_device_and_compile():
-    assert resolve_gelu_backward(CPU, True, "auto") == "saved"
-    assert resolve_gelu_backward(CPU, False, "auto") == "recompute"
-    assert resolve_gelu_backward(torch.device("cuda"), True, "auto") == "recompute"
-    assert resolve_gelu_backward(CPU, True, "recompute") == "recompute"
 
 
 class _MLP(nn.Module):

@@ -55,6 +55,8 @@ LAYERS: dict[str, set[str]] = {
         "datacheck",
         "pack",
         "cifar10",
+        "tuning",
+        "machine",
     },
     "registry": {"registry", "kinds", "hookspecs", "recipe", "schema", "tomlio", "errors", "__init__"},
 }

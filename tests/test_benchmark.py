@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
+import pytest
+import torch
 from conftest import ROOT, SAMPLE, runner
+from conftest import TINY as TINY_RECIPE
 
-from deitctl.benchmark import KEYS
+from deitctl.benchmark import KEYS, tuning_table
 from deitctl.cli import app
+from deitctl.tuning import format_row
 
 TINY = [
     f"data.root={json.dumps(str(SAMPLE))}",
@@ -31,19 +36,54 @@ def _args(*extra: str) -> list[str]:
     return args
 
 
-def test_benchmark_json_has_the_five_figures(tmp_path):
+def test_benchmark_json_has_the_figures_the_machine_and_a_verdict(tmp_path):
     out = tmp_path / "never-written"
     result = runner.invoke(app, _args(f"run.output_dir={json.dumps(str(out))}"))
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, result.stdout
     figures = json.loads(lines[0])
-    assert set(figures) == set(KEYS)
-    for key, value in figures.items():
+    for key in (*KEYS, "flops_per_image", "matmul_utilization"):
+        value = figures[key]
         assert isinstance(value, (int, float)) and not isinstance(value, bool), key
         assert value > 0, (key, value)
     assert 0 < figures["teacher_share"] < 1
+    machine = figures["machine"]
+    assert machine["device"] == "cpu" and machine["torch"] == torch.__version__
+    assert machine["threads"] == torch.get_num_threads() and machine["name"]
+    assert set(figures["matmul_flops_per_s"]) == {"fp32"}  # an fp32 recipe may use fp32 only
+    # achieved FLOP/s over the matmul peak, both from this invocation
+    achieved = figures["flops_per_image"] * figures["train_images_per_s"]
+    assert figures["matmul_utilization"] == pytest.approx(achieved / figures["matmul_flops_per_s"]["fp32"])
+    assert figures["bound"] in ("data", "teacher", "compute") and f"{figures['bound']}-bound: " in figures["verdict"]
+    assert figures["speed"] == "fp32, fused attention, eager"  # the recipe's own settings were benchmarked
     assert not out.exists()  # the output directory is not written
+
+
+def test_benchmark_tune_times_every_candidate_and_keeps_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEITCTL_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["benchmark", str(TINY_RECIPE), "--steps", "2", "--warmup", "1", "--json", "--tune"]
+    result = runner.invoke(app, [*args, "--set", f"data.root={json.dumps(str(SAMPLE))}"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    # every candidate timed (as if every speed key were "auto"), and kept for later runs
+    labels = {format_row(row).split(":")[0] for row in figures["tuning"]}
+    for precision, attention in itertools.product(("fp32", "bf16"), ("fused", "math")):
+        assert f"{precision}, {attention} attention, eager" in labels
+    assert any("GELU backward saved" in label for label in labels)
+    assert any("GELU backward recompute" in label for label in labels)
+    assert figures["tuned"] in labels
+    assert (tmp_path / "cache" / "speed.json").is_file()
+    table = " ".join(capture(tuning_table(figures)).split())
+    assert "fp32, fused attention, eager" in table and "compile s" in table
+
+
+def capture(renderable) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(renderable)
+    return console.export_text()
 
 
 def test_benchmark_bad_recipe_is_exit_2(tmp_path):

@@ -35,17 +35,27 @@ def test_step_vs_reference_runs_each_side_in_its_own_process(tmp_path):
         "1",
         "--warmup",
         "1",
+        "--shape",
+        "quickstart",
         "--variants",
-        "deitctl",
+        "deitctl,auto",
+        "--auto-keys",
+        "precision,attention",  # compiling candidates is what the test of deitctl.tuning covers
         "--json",
         str(out),
     )
     assert "isolation process" in text
     result = json.loads(out.read_text())
     rows = {row["variant"]: row for row in result["results"]}
-    assert set(rows) == {"reference", "deitctl"} and not any("error" in row for row in rows.values())
+    assert set(rows) == {"reference", "deitctl", "auto"} and not any("error" in row for row in rows.values())
     assert rows["reference"]["ratio"] == 1.0 and rows["deitctl"]["ratio"] > 0
     assert all(row["images_per_s"] > 0 and row["page_faults_per_step"] >= 0 for row in rows.values())
+    assert result["machine"]["name"] and result["machine"]["threads"] >= 1
+    totals = result["summary"]
+    assert totals["fastest_fixed"] == "deitctl" and totals["fp32_vs_reference"] == rows["deitctl"]["ratio"]
+    assert totals["auto_vs_fp32"] == rows["auto"]["ratio"] / rows["deitctl"]["ratio"]
+    assert "attention" in totals["auto_chosen"] and totals["auto_tuning_s"] > 0
+    assert f"auto chose: {totals['auto_chosen']}" in text
 
 
 def test_step_processes_alternates_recipe_variants(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from conftest import ROOT, runner
 from deitctl.cli import app
 from deitctl.optim import optimizer_implementation
 from deitctl.recipe import load_recipe
-from deitctl.runtime import cpu_has_native_bf16, resolve_attention, resolve_precision, set_attention
+from deitctl.runtime import resolve_attention, resolve_precision, set_attention
 from deitctl.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -55,14 +56,12 @@ def _cli_train(out: Path, *overrides: str):
     return runner.invoke(app, args)
 
 
-def test_auto_rules():
-    assert resolve_attention(CPU, "bf16", "auto") == "math"
-    assert resolve_attention(CPU, "fp16", "auto") == "math"
-    assert resolve_attention(CPU, "fp32", "auto") == "fused"
-    assert resolve_attention(torch.device("cuda"), "bf16", "auto") == "fused"
-    assert resolve_attention(CPU, "bf16", "fused") == "fused"
+def test_auto_rules_of_evaluation_and_prediction():
+    # training measures (tests/test_tuning.py); eval and predict take fp32 and the fused kernel on CPU
+    assert resolve_attention("auto") == "fused"
+    assert resolve_attention("math") == "math"
     assert resolve_precision(CPU, "fp16") == "fp16"
-    assert resolve_precision(CPU, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision(CPU, "auto") == "fp32"
 
 
 def test_math_and_fused_attention_compute_the_same_function():
@@ -115,18 +114,26 @@ def test_threads_setting(tmp_path):
         torch.set_num_threads(before)
 
 
-def test_auto_precision_trains_and_says_what_it_chose(tmp_path):
+def test_auto_precision_is_measured_logged_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEITCTL_CACHE_DIR", str(tmp_path / "cache"))
     result = _cli_train(tmp_path / "out", 'run.precision="auto"', 'run.progress="plain"')
     assert result.exit_code == 0, result.output
-    chosen = "bf16" if cpu_has_native_bf16() else "fp32"
-    attention = "math" if chosen == "bf16" else "fused"
-    assert (
-        f"precision {chosen} (auto), attention {attention}, GELU backward recompute, optimizer adamw (fused)"
-        in result.output
-    )
+    assert "measuring the speed settings left to auto" in result.output
+    for candidate in ("fp32, fused attention, eager", "bf16, fused attention, eager", "bf16, math attention, eager"):
+        assert candidate in result.output
+    chosen = next(line for line in result.output.splitlines() if line.startswith("speed (measured in "))
+    assert "optimizer adamw (fused)" in result.output
     if platform.libc_ver()[0] == "glibc":
         assert "freed host memory kept for reuse" in result.output
     assert (tmp_path / "out" / "last.pt").is_file()
+    assert (tmp_path / "cache" / "speed.json").is_file()
+    # the next run of the same shapes starts at once, with the same choice
+    again = _cli_train(tmp_path / "again", 'run.precision="auto"', 'run.progress="plain"')
+    assert again.exit_code == 0, again.output
+    assert "measuring the speed settings" not in again.output
+    label = re.fullmatch(r"speed \(measured in [0-9.]+ s\): (.*?)(, [0-9.]+× the speed of .*)?", chosen)
+    assert label, chosen
+    assert f"speed (cached): {label[1]}" in again.output
 
 
 _FAULTS = """

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -169,6 +170,24 @@ def test_a_student_from_the_cache_equals_the_live_teachers(strategy, teacher, ta
     assert code == 0, output
     assert f"teacher outputs read from the cache {taught} (full logits)" in output
     assert_same_run(tmp_path / "live", tmp_path / "cached", ("train_loss", "acc1", "teacher_agreement"))
+
+
+def test_with_auto_precision_teach_and_training_take_the_same_precision(teacher, tmp_path):
+    """``run.precision = "auto"``: teach measures with the recipe's student and teacher, as
+    live training does, and a cached run takes the cache's precision: the same student."""
+    sets = [*base_sets(teacher), "run.precision=auto", "run.epochs=1"]
+    code, output = teach(tmp_path / "cache", sets)
+    assert code == 0, output
+    taught = re.search(r"speed \((?:measured in [0-9.]+ s|cached)\): (\w+),", output)
+    assert taught, output
+    code, output = train(tmp_path / "live", sets)
+    assert code == 0, output
+    assert re.search(rf"speed \(cached\): {taught[1]},", output), output  # the same measurement
+    code, output = train(tmp_path / "cached", [*sets, with_cache(tmp_path / "cache")])
+    assert code == 0, output
+    assert f"speed (fixed): {taught[1]}," in output or f"speed (cached): {taught[1]}," in output, output
+    ma, mb = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "cached")
+    assert mb[0]["train_loss"] == pytest.approx(ma[0]["train_loss"], rel=1e-6)
 
 
 def test_the_teacher_is_not_needed_and_the_last_evaluation_says_so(teacher, taught, tmp_path):

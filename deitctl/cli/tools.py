@@ -81,17 +81,24 @@ def benchmark(
     steps: int = typer.Option(20, "--steps", min=1, help="Timed steps (training and evaluation)."),
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps first."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    tune: bool = typer.Option(
+        False, "--tune", help='First time every speed candidate (as run.* = "auto" would) and print the table.'
+    ),
 ) -> None:
-    """Measure a recipe: training step, evaluation and data-loader images/s, teacher share, peak memory."""
-    from deitctl.benchmark import results_table, run_benchmark
+    """Measure a recipe: training step, evaluation and data-loader images/s, teacher share, FLOPs and
+    matmul utilization, peak memory; then say what bounds it (data, teacher or compute)."""
+    from deitctl.benchmark import results_table, run_benchmark, tuning_table
 
     r = load(recipe, sets)
     warn(r.warnings)
-    result = run_benchmark(r, steps=steps, warmup=warmup, warn=lambda m: warn([m]))
+    result = run_benchmark(r, steps=steps, warmup=warmup, tune=tune, warn=lambda m: warn([m]))
     if as_json:
         print(json.dumps(result))
         return
+    if tune:
+        out.print(tuning_table(result))
     out.print(results_table(result, r, steps=steps, warmup=warmup))
+    out.print(result["verdict"])
 
 
 @app.command()

@@ -1,0 +1,395 @@
+"""Speed settings chosen by measurement: ``run.precision``, ``run.attention``, ``run.compile``,
+``run.gelu_backward`` and ``run.channels_last`` set to ``"auto"``.
+
+On a CPU, :func:`resolve_speed` times a few training steps (teacher forward, student forward
+and backward) of copies of the recipe's own student and teacher, at the recipe's batch shape,
+for each candidate, as cuDNN's benchmark mode does, and keeps the fastest:
+
+1. eager: every precision × attention kernel the recipe leaves open, then the teacher's
+   memory format on the fastest;
+2. compiled (``torch.compile``): the fastest eager setting (and the next, when within
+   :data:`SECOND` of it), with each GELU backward,
+   chosen only when the measured gain over the run's remaining steps pays back the compile
+   time measured here.
+
+A setting other than the recipe's baseline (fp32, fused attention, no compile) must be
+:data:`MARGIN` faster to be chosen, so timing noise never trades fp32 for bf16. On CUDA a
+rule decides (bf16 where the GPU has it; compile for runs of :data:`CUDA_COMPILE_STEPS`
+steps or more). The figures are cached per (device model, torch version, threads, models,
+batch shape) in :func:`cache_dir`, so the next run starts at once; under DDP rank 0
+decides and broadcasts. The timed steps run on copies, under a forked RNG: the run's
+models, optimizer and random streams are untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deitctl.machine import device_name
+from deitctl.runtime import autocast_factory, set_attention
+
+MARGIN = 0.03  # a non-baseline setting must be this much faster
+AGAIN = 0.20  # after the first round, only candidates this close to the fastest are timed again
+SECOND = 0.10  # the second-fastest eager setting is compiled too when this close to the fastest
+CUDA_COMPILE_STEPS = 2000
+WARMUP, STEPS, ROUNDS = 1, 3, 2
+KEYS = ("precision", "attention", "compile", "gelu_backward", "channels_last")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The speed settings a run uses."""
+
+    precision: str = "fp32"
+    attention: str = "fused"
+    compile: bool = False
+    gelu_backward: str = "recompute"
+    channels_last: bool = False
+
+    def label(self) -> str:
+        parts = [self.precision, f"{self.attention} attention"]
+        if self.channels_last:
+            parts.append("channels_last teacher")
+        parts.append(f"compiled, GELU backward {self.gelu_backward}" if self.compile else "eager")
+        return ", ".join(parts)
+
+
+@dataclass
+class Tuning:
+    """The outcome of :func:`resolve_speed`: the settings, and how they were decided."""
+
+    speed: Speed
+    how: str  # "fixed" (nothing auto), "rule" (CUDA), "measured", "cached"
+    rows: list[dict[str, Any]]
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if self.how in ("fixed", "rule"):
+            return f"speed ({self.how}): {self.speed.label()}"
+        base = next((r for r in self.rows if _speed(r) == _baseline(self.rows)), None)
+        chosen = next((r for r in self.rows if _speed(r) == self.speed), None)
+        gain = ""
+        if base and chosen and base is not chosen:
+            gain = f", {base['step_s'] / chosen['step_s']:.2f}× the speed of {_speed(base).label()}"
+        timing = f" in {self.seconds:.1f} s" if self.how == "measured" else ""
+        return f"speed ({self.how}{timing}): {self.speed.label()}{gain}"
+
+    def table(self) -> list[str]:
+        return [format_row(r, chosen=_speed(r) == self.speed) for r in self.rows]
+
+
+def format_row(row: dict[str, Any], *, chosen: bool = False) -> str:
+    compile_s = f", compiling {row['compile_s']:.1f} s" if row.get("compile_s") else ""
+    mark = "  <- chosen" if chosen else ""
+    return f"{_speed(row).label()}: {row['step_s'] * 1000:.1f} ms/step{compile_s}{mark}"
+
+
+def _speed(row: dict[str, Any]) -> Speed:
+    return Speed(**{k: row[k] for k in KEYS})
+
+
+def _baseline(rows: list[dict[str, Any]]) -> Speed:
+    return _speed(rows[0])
+
+
+# ---------------------------------------------------------------- the candidates
+
+
+def _choices(value: Any, auto: list[Any]) -> list[Any]:
+    return auto if value == "auto" else [value]
+
+
+def is_auto(run: Any) -> bool:
+    return any(getattr(run, k) == "auto" for k in KEYS)
+
+
+def candidates(run: Any, *, has_teacher_convs: bool, fixed_precision: str = "") -> dict[str, list[Any]]:
+    """Per key, the values a recipe's ``[run]`` leaves open (the first is the baseline).
+    GELU's stored derivative acts only in a compiled forward; the memory format only on a
+    convolutional teacher."""
+    compile = _choices(run.compile, [False, True])
+    return {
+        "precision": [fixed_precision] if fixed_precision else _choices(run.precision, ["fp32", "bf16"]),
+        "attention": _choices(run.attention, ["fused", "math"]),
+        "compile": compile,
+        "gelu_backward": _choices(run.gelu_backward, ["recompute", "saved"] if True in compile else ["recompute"]),
+        "channels_last": _choices(run.channels_last, [False, True]) if has_teacher_convs else [False],
+    }
+
+
+def cuda_rule(options: dict[str, list[Any]], total_steps: int) -> Speed:
+    """On CUDA: bf16 where the GPU has it (else fp16), the fused attention kernel,
+    PyTorch's GELU backward, channels_last for a CNN teacher, compile for long runs."""
+
+    def pick(key: str, preferred: Any) -> Any:
+        values = options[key]
+        return preferred if preferred in values else values[0]
+
+    low = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return Speed(
+        precision=pick("precision", low) if len(options["precision"]) > 1 else options["precision"][0],
+        attention=pick("attention", "fused"),
+        compile=pick("compile", total_steps >= CUDA_COMPILE_STEPS),
+        gelu_backward=pick("gelu_backward", "recompute"),
+        channels_last=pick("channels_last", True),
+    )
+
+
+# ---------------------------------------------------------------- timing
+
+
+class StepTimer:
+    """Times training steps of copies of a student and a teacher on one synthetic batch."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        batch: tuple[int, ...],
+        num_classes: int,
+        device: torch.device,
+    ) -> None:
+        self.student, self.teacher, self.device = student, teacher, device
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(batch, generator=g).to(device)
+        self.targets = torch.randint(0, num_classes, (batch[0],), generator=g).to(device)
+
+    def _models(self, s: Speed) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+        from deitctl.activations import save_gelu_derivative
+
+        student = copy.deepcopy(self.student).to(self.device).train()
+        set_attention(student, s.attention)
+        if callable(distilled := getattr(student, "set_distilled_training", None)):
+            distilled(True)  # both heads' outputs, as in training
+        if s.compile and s.gelu_backward == "saved":
+            save_gelu_derivative(student)
+        teacher = None
+        if self.teacher is not None:
+            teacher = copy.deepcopy(self.teacher).to(self.device).eval()
+            set_attention(teacher, s.attention)
+            if s.channels_last:
+                teacher = teacher.to(memory_format=torch.channels_last)
+        if s.compile:
+            torch._dynamo.reset()
+            return torch.compile(student), torch.compile(teacher) if teacher is not None else None
+        return student, teacher
+
+    def _step(self, s: Speed, student: Callable[..., Any], teacher: Callable[..., Any] | None) -> float:
+        autocast = autocast_factory(self.device, s.precision)
+        images = self.images
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        with autocast():
+            if teacher is not None:
+                t_in = images.contiguous(memory_format=torch.channels_last) if s.channels_last else images
+                with torch.inference_mode():
+                    teacher(t_in)
+            outputs = student(images)
+            outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
+            loss = sum(F.cross_entropy(o.float(), self.targets) for o in outputs)
+        loss.backward()  # type: ignore[union-attr]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def measure(self, s: Speed, *, warmup: int = WARMUP, steps: int = STEPS) -> tuple[float, float]:
+        """Median seconds per step, and the first step's extra time (compiling)."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            student, teacher = self._models(s)
+            first = self._step(s, student, teacher)
+            for _ in range(max(0, warmup - 1) + (1 if s.compile else 0)):
+                self._step(s, student, teacher)
+            times = [self._step(s, student, teacher) for _ in range(steps)]
+        step = statistics.median(times)
+        return step, max(0.0, first - step) if s.compile else 0.0
+
+
+def _faster(row: dict[str, Any], best: dict[str, Any]) -> bool:
+    return row["step_s"] < best["step_s"] * (1 - MARGIN)
+
+
+def measure_candidates(
+    timer: StepTimer, options: dict[str, list[Any]], *, rounds: int = ROUNDS, log: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
+    """The table of candidates (eager grid, memory format, compiled), each timed."""
+    rows: dict[Speed, dict[str, Any]] = {}
+
+    def run(s: Speed) -> dict[str, Any]:
+        step, compile_s = timer.measure(s)
+        row = rows.setdefault(s, {**asdict(s), "step_s": step, "compile_s": compile_s})
+        row["step_s"] = min(row["step_s"], step)
+        if log:
+            log(f"  {format_row(row)}")
+        return row
+
+    first = Speed(*(options[k][0] for k in KEYS))
+    eager = [
+        replace(first, precision=p, attention=a, compile=False)
+        for p in options["precision"]
+        for a in options["attention"]
+    ]
+    contenders = eager
+    for _ in range(rounds):  # rounds interleave the candidates, so a slow spell hits them all
+        for s in contenders:
+            run(s)
+        fastest = min(rows[s]["step_s"] for s in eager)
+        contenders = [s for s in eager if rows[s]["step_s"] <= fastest * (1 + AGAIN)]
+    best = _pick([rows[s] for s in eager])
+    if len(options["channels_last"]) > 1:
+        run(replace(_speed(best), channels_last=True))
+        best = _pick([best, rows[replace(_speed(best), channels_last=True)]])
+    if True in options["compile"]:
+        ranked = sorted((rows[s] for s in eager), key=lambda r: r["step_s"])
+        close = [r for r in ranked[:2] if r["step_s"] <= ranked[0]["step_s"] * (1 + SECOND)]
+        for r in close:
+            base = replace(_speed(r), channels_last=_speed(best).channels_last, compile=True)
+            for gelu in options["gelu_backward"]:
+                run(replace(base, gelu_backward=gelu))
+    return list(rows.values())
+
+
+def _pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest row; the first (baseline) unless another is :data:`MARGIN` faster."""
+    best = rows[0]
+    for row in rows[1:]:
+        if _faster(row, best):
+            best = row
+    return best
+
+
+def decide(rows: list[dict[str, Any]], total_steps: int) -> Speed:
+    """The fastest eager setting, or a compiled one whose gain over ``total_steps`` steps
+    pays back its compile time."""
+    eager = [r for r in rows if not r["compile"]]
+    best = _pick(eager)
+    for r in (r for r in rows if r["compile"]):
+        gain = (best["step_s"] - r["step_s"]) * total_steps
+        if _faster(r, best) and gain > r["compile_s"]:
+            best = r
+    return _speed(best)
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def cache_dir() -> Path:
+    """``DEITCTL_CACHE_DIR``, else ``$XDG_CACHE_HOME/deitctl``, else ``~/.cache/deitctl``."""
+    if env := os.environ.get("DEITCTL_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deitctl"
+
+
+def _signature(model: nn.Module | None) -> str:
+    if model is None:
+        return "none"
+    params = sum(p.numel() for p in model.parameters())
+    return f"{type(model).__name__}:{params}:{hashlib.sha256(repr(model).encode()).hexdigest()[:16]}"
+
+
+def cache_key(timer: StepTimer, options: dict[str, list[Any]]) -> str:
+    fields = {
+        "device": device_name(timer.device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "student": _signature(timer.student),
+        "teacher": _signature(timer.teacher),
+        "batch": list(timer.images.shape),
+        "options": {k: [str(v) for v in vs] for k, vs in options.items()},
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "speed.json"
+
+
+def cached_rows(key: str) -> list[dict[str, Any]] | None:
+    try:
+        entry = json.loads(_cache_file().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return entry.get("rows") if isinstance(entry, dict) else None
+
+
+def store_rows(key: str, rows: list[dict[str, Any]], about: dict[str, Any]) -> None:
+    """Add an entry to the cache file (atomically; a cache that cannot be written is skipped)."""
+    path = _cache_file()
+    try:
+        entries = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = {"rows": rows, **about}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def resolve_speed(
+    run: Any,
+    device: torch.device,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    *,
+    batch: tuple[int, ...],
+    num_classes: int,
+    total_steps: int,
+    fixed_precision: str = "",
+    retune: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Tuning:
+    """The run's speed settings: the recipe's own where it fixes them; for ``"auto"``, a
+    rule on CUDA and the fastest measured candidate on CPU (cached; ``retune``: measure
+    again). ``fixed_precision``: a precision already decided (a teacher cache's)."""
+    convs = teacher is not None and any(isinstance(m, nn.Conv2d) for m in teacher.modules())
+    options = candidates(run, has_teacher_convs=convs, fixed_precision=fixed_precision)
+    if all(len(v) == 1 for v in options.values()):
+        return Tuning(Speed(*(options[k][0] for k in KEYS)), "fixed", [])
+    if device.type == "cuda":
+        return Tuning(cuda_rule(options, total_steps), "rule", [])
+    timer = StepTimer(student, teacher, batch, num_classes, device)
+    key = cache_key(timer, options)
+    rows = None if retune else cached_rows(key)
+    if rows is not None:
+        return Tuning(decide(rows, total_steps), "cached", rows)
+    if log:
+        log(f"measuring the speed settings left to auto (once; kept in {_cache_file()}):")
+    started = time.perf_counter()
+    rows = measure_candidates(timer, options, log=log)
+    seconds = time.perf_counter() - started
+    store_rows(key, rows, {"device": device_name(device), "torch": torch.__version__, "batch": list(batch)})
+    return Tuning(decide(rows, total_steps), "measured", rows, seconds)
+
+
+def broadcast(tuning: Tuning | None) -> Tuning:
+    """Rank 0's settings on every rank (a world of one: as given)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        assert tuning is not None
+        return tuning
+    box: list[Any] = [tuning]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
