@@ -4,6 +4,7 @@ figures in benchmarks/README.md are reproduced, so they must not rot."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -92,3 +93,35 @@ def test_loader_compares_the_loaders_and_profiles_the_stages(tmp_path):
     stages = json.loads(_script("loader.py", *common, "--profile"))["ms_per_image"]
     assert {"decode", "crop", "randaugment", "to_uint8+erasing", "batch"} <= set(stages["deitctl shards320"])
     assert {"to_tensor", "normalize", "erasing"} <= set(stages["plain jpeg"])
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu.sh is prepared for a GPU machine; its CPU dry run checks it end to end."""
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "BATCH": "2",
+        "STEPS": "1",
+        "WARMUP": "0",
+        "COMPILES": "false",
+        "LOADER_IMAGES": "20",
+        "LOADER_ROUNDS": "1",
+        "LOADER_BATCH": "4",
+        "WORKERS": "1",
+        "PYTHON": sys.executable,
+        "EXTRA_SETS": "student.depth=1 data.img_size=64 teacher.model=regnety_002",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    eager = summary["compile_false"]
+    assert eager["train_images_per_s"] > 0 and 0 < eager["matmul_utilization"] < 1
+    assert eager["train_images_per_s_cached"] > 0 and eager["bound"] in ("data", "teacher", "compute")
+    assert summary["machine"]["device"] == "cpu" and summary["loader"]
