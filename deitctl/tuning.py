@@ -116,14 +116,16 @@ def is_auto(run: Any) -> bool:
     return any(getattr(run, k) == "auto" for k in KEYS)
 
 
-def candidates(run: Any, *, has_teacher_convs: bool, fixed_precision: str = "") -> dict[str, list[Any]]:
+def candidates(
+    run: Any, *, has_teacher_convs: bool, has_attention: bool = True, fixed_precision: str = ""
+) -> dict[str, list[Any]]:
     """Per key, the values a recipe's ``[run]`` leaves open (the first is the baseline).
     GELU's stored derivative acts only in a compiled forward; the memory format only on a
-    convolutional teacher."""
+    convolutional teacher; the attention kernel only on models with timm attention blocks."""
     compile = _choices(run.compile, [False, True])
     return {
         "precision": [fixed_precision] if fixed_precision else _choices(run.precision, ["fp32", "bf16"]),
-        "attention": _choices(run.attention, ["fused", "math"]),
+        "attention": _choices(run.attention, ["fused", "math"] if has_attention else ["fused"]),
         "compile": compile,
         "gelu_backward": _choices(run.gelu_backward, ["recompute", "saved"] if True in compile else ["recompute"]),
         "channels_last": _choices(run.channels_last, [False, True]) if has_teacher_convs else [False],
@@ -364,7 +366,9 @@ def resolve_speed(
     rule on CUDA and the fastest measured candidate on CPU (cached; ``retune``: measure
     again). ``fixed_precision``: a precision already decided (a teacher cache's)."""
     convs = teacher is not None and any(isinstance(m, nn.Conv2d) for m in teacher.modules())
-    options = candidates(run, has_teacher_convs=convs, fixed_precision=fixed_precision)
+    models = [m for m in (student, teacher) if m is not None]
+    attention = any(isinstance(getattr(m, "fused_attn", None), bool) for model in models for m in model.modules())
+    options = candidates(run, has_teacher_convs=convs, has_attention=attention, fixed_precision=fixed_precision)
     if all(len(v) == 1 for v in options.values()):
         return Tuning(Speed(*(options[k][0] for k in KEYS)), "fixed", [])
     if device.type == "cuda":

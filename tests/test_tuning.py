@@ -64,6 +64,9 @@ def test_only_the_keys_on_auto_are_candidates():
     # GELU's stored derivative acts only when compiling; the memory format only on a CNN teacher
     assert candidates(_run(gelu_backward="auto"), has_teacher_convs=True)["gelu_backward"] == ["recompute"]
     assert candidates(_run(channels_last="auto"), has_teacher_convs=False)["channels_last"] == [False]
+    # the attention kernel only where there are attention blocks (a CNN trained alone has none)
+    no_blocks = candidates(_run(attention="auto"), has_teacher_convs=False, has_attention=False)
+    assert no_blocks["attention"] == ["fused"]
     # an fp32 recipe stays fp32: bf16 is a candidate only when the recipe says auto
     assert candidates(_run(attention="auto", compile="auto"), has_teacher_convs=False)["precision"] == ["fp32"]
     # a teacher cache's precision is kept
