@@ -4,13 +4,23 @@ Tests import the helpers directly (``from conftest import ROOT, cli``): pytest p
 folder on ``sys.path``. Tests marked ``slow`` (torchrun, SIGKILL loops, compile, benchmark
 scripts) run by default too; ``python -m pytest -m "not slow"`` leaves them out for a
 quick pass.
+
+One intra-op thread per process (``OMP_NUM_THREADS=1`` unless the environment sets it):
+the models are tiny, so threads only add synchronisation, and on a 2-core machine that
+also runs data-loader workers, subprocesses or other jobs, spinning OpenMP threads make a
+run up to ten times slower. The variable is set before torch is imported and is inherited
+by every subprocess the tests start, so in-process and subprocess runs compute alike.
+Tests of ``run.threads`` ask for a count other than the current one.
 """
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -26,6 +36,8 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from deitctl.cli import app
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +99,22 @@ TINY = HOSTILE / "tiny.toml"
 """The base recipe of the reliability tests: a 1-block DeiT on 32 px images, one epoch."""
 PLUGIN_MODULE = "deitctl_hostile_plugins"
 """tests/hostile/deitctl_hostile_plugins.py, loaded with ``DEITCTL_PLUGINS``."""
+
+
+@contextlib.contextmanager
+def plugins_from_env():
+    """DEITCTL_PLUGINS=deitctl_hostile_plugins in this process, on a fresh registry: what
+    :func:`spawn`'s processes load, for in-process runs of the same recipe."""
+    from deitctl.registry import reset_registry
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(HOSTILE))
+        mp.setenv("DEITCTL_PLUGINS", PLUGIN_MODULE)
+        reset_registry()
+        try:
+            yield
+        finally:
+            reset_registry()
 
 
 def train_args(out: Path, *sets: str, root: Path = SAMPLE, resume: bool = False) -> list[str]:

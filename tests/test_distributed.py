@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, free_port, read_metrics
+from conftest import ROOT, SAMPLE, cli, free_port, invoke, read_metrics
 
 pytestmark = pytest.mark.slow  # torchrun with 2 processes
 
@@ -37,36 +37,39 @@ COMMON = [
 ]
 
 
-def _run(args: list[str], out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+def _args(out: Path, overrides: list[str]) -> list[str]:
     sets = [x for item in COMMON + overrides for x in ("--set", item)]
-    cmd = [sys.executable, *args, "train", str(ROOT / "recipes" / "quickstart.toml"), "--output-dir", str(out), *sets]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    return ["train", str(ROOT / "recipes" / "quickstart.toml"), "--output-dir", str(out), *sets]
+
+
+def _one_process(out: Path, overrides: list[str]) -> None:
+    """The one-process runs go in this process (on one thread, as the torchrun workers)."""
+    code, output = cli(*_args(out, overrides))
+    assert code == 0, output[-3000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
     # the quickstart recipe has a teacher; strategy none leaves it unused
-    single = _run(["-m", "deitctl"], base / "single", ["data.batch_size=8"])
-    assert single.returncode == 0, single.stderr[-3000:]
-    ddp = _run(
-        [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "--master_addr=127.0.0.1",
-            "-m",
-            "deitctl",
-        ],
-        base / "ddp",
-        ["data.batch_size=4", 'run.loggers=["tensorboard"]', "run.log_every=1"],
-    )
+    _one_process(base / "single", ["data.batch_size=8"])
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "--master_addr=127.0.0.1",
+        "-m",
+        "deitctl",
+    ]
+    overrides = ["data.batch_size=4", 'run.loggers=["tensorboard"]', "run.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [*torchrun, *_args(base / "ddp", overrides)]
+    ddp = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    accumulate = _run(["-m", "deitctl"], base / "accumulate", ["data.batch_size=4", "optimizer.accumulate=2"])
-    assert accumulate.returncode == 0, accumulate.stderr[-3000:]
-    return base, single, ddp
+    _one_process(base / "accumulate", ["data.batch_size=4", "optimizer.accumulate=2"])
+    return base, ddp
 
 
 def _close(a: dict, b: dict, atol: float = 2e-5) -> None:
@@ -80,7 +83,7 @@ def _close(a: dict, b: dict, atol: float = 2e-5) -> None:
 def test_ddp_only_rank_0_sends_figures_to_the_loggers(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    base, _, _ = runs
+    base, _ = runs
     files = list((base / "ddp" / "tensorboard").glob("events.out.tfevents.*"))
     assert files and len({f.name.rsplit(".", 2)[1] for f in files}) == 1  # one process id
     events = EventAccumulator(str(base / "ddp" / "tensorboard"))
@@ -92,14 +95,14 @@ def test_ddp_only_rank_0_sends_figures_to_the_loggers(runs):
 
 
 def test_ddp_logs_each_epoch_once_and_states_world_size(runs):
-    base, _, ddp = runs
+    base, ddp = runs
     assert [m["epoch"] for m in read_metrics(base / "ddp")] == [1, 2]
     assert "world size 2" in ddp.stderr
     assert ddp.stderr.count("epoch 1  train_loss") == 1  # rank 0 logs alone
 
 
 def test_ddp_matches_one_process_with_the_same_global_batch(runs):
-    base, _, _ = runs
+    base, _ = runs
     single, ddp = read_metrics(base / "single"), read_metrics(base / "ddp")
     for s, d in zip(single, ddp):
         assert s["train_images"] == d["train_images"]
@@ -114,7 +117,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(runs):
 
 
 def test_gradient_accumulation_matches_a_larger_batch(runs):
-    base, _, _ = runs
+    base, _ = runs
     a = torch.load(base / "single" / "last.pt", weights_only=True)
     b = torch.load(base / "accumulate" / "last.pt", weights_only=True)
     _close(a["model"], b["model"])
@@ -124,16 +127,10 @@ def test_gradient_accumulation_matches_a_larger_batch(runs):
 
 
 def test_ddp_checkpoint_evaluates_in_one_process(runs):
-    base, _, _ = runs
-    proc = subprocess.run(
-        [sys.executable, "-m", "deitctl", "eval", "--ckpt", str(base / "ddp" / "best.pt"), "--json"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    metrics = json.loads(proc.stdout)
+    base, _ = runs
+    result = invoke("eval", "--ckpt", str(base / "ddp" / "best.pt"), "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
     assert metrics["images"] == 30
     best = max(m["acc1"] for m in read_metrics(base / "ddp"))
     assert metrics["acc1"] == pytest.approx(best, abs=1e-6)

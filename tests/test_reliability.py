@@ -19,7 +19,6 @@ Fixtures live in tests/hostile/: ``tiny.toml`` (the base recipe) and
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -35,7 +34,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
-    HOSTILE,
     PLUGIN_MODULE,
     SAMPLE,
     SMALL_ROOT_SETS,
@@ -45,6 +43,7 @@ from conftest import (
     finish,
     load_ckpt,
     metrics_lines,
+    plugins_from_env,
     reaped,
     small_root,
     spawn,
@@ -168,21 +167,6 @@ def _tensors_equal(a, b, where: str) -> list[str]:
             return [where]
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in _tensors_equal(x, y, f"{where}[{i}]")]
     return [] if a == b else [where]
-
-
-@contextlib.contextmanager
-def plugins_from_env():
-    """DEITCTL_PLUGINS=deitctl_hostile_plugins in this process, on a fresh registry."""
-    from deitctl.registry import reset_registry
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(HOSTILE))
-        mp.setenv("DEITCTL_PLUGINS", PLUGIN_MODULE)
-        reset_registry()
-        try:
-            yield
-        finally:
-            reset_registry()
 
 
 @pytest.fixture

@@ -126,17 +126,27 @@ def test_predict_top_k(teacher_ckpt, tmp_path):
     assert code == 2 and "README.md" in text and "Traceback" not in text
 
 
-@pytest.mark.parametrize("size", ["ti", "s", "b"])
-def test_paper_recipes_train_on_a_few_images(size, tmp_path):
-    """The paper's recipes, with data, size and epochs overridden; the RegNetY-16GF teacher
-    is loaded from a local file in the official format ({"model": state_dict})."""
+@pytest.fixture(scope="module")
+def regnety_teacher(tmp_path_factory) -> Path:
+    """A RegNetY-16GF (random weights, 10 classes) in the official format ({"model": state_dict}):
+    80 M parameters, written once for the three paper recipes."""
     import timm
 
-    teacher_file = tmp_path / "regnety_160-a5fe301d.pth"
+    teacher_file = tmp_path_factory.mktemp("regnety") / "regnety_160-a5fe301d.pth"
     torch.manual_seed(0)
     torch.save({"model": timm.create_model("regnety_160", num_classes=10).state_dict()}, teacher_file)
+    return teacher_file
+
+
+@pytest.mark.parametrize("size", ["ti", "s", "b"])
+def test_paper_recipes_train_on_a_few_images(size, regnety_teacher, tmp_path):
+    """The paper's recipes, with data, size and epochs overridden; the RegNetY-16GF teacher
+    is loaded from a local file in the official format ({"model": state_dict})."""
+    teacher_file = regnety_teacher
     overrides = [
         "data.img_size=32",
+        "data.train_per_class=2",  # 20 images, 60 samples with repeated_aug 3: the big teacher
+        "data.val_per_class=1",  # runs on few images
         "run.epochs=1",
         "data.repeated_aug=3",
         "teacher.input_size=32",
