@@ -25,6 +25,8 @@ from deitctl.recipe import Recipe
 CHECKPOINT_FORMAT = "deitctl-checkpoint-1"
 LAST, BEST, METRICS, RECIPE, LOCK = "last.pt", "best.pt", "metrics.jsonl", "recipe.toml", ".deitctl.lock"
 LOCK_WAIT_S = 5.0  # a restarted group's new process may find the old one still exiting
+RESTART_LOCK_WAIT_S = 15.0  # after torchrun restarted the group: the old process' loader workers
+# share the lock's descriptor and notice their parent's death only within 5 s
 
 
 def _strip_compile(state: dict[str, Any]) -> dict[str, Any]:
@@ -111,8 +113,11 @@ class RunLock:
         since = info.get("started", "?")
         return f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, since {since}"
 
-    def acquire(self, wait_s: float = LOCK_WAIT_S) -> None:
+    def acquire(self, wait_s: float | None = None) -> None:
         """Take the lock or raise a :class:`UserError` naming the holder."""
+        if wait_s is None:
+            restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+            wait_s = RESTART_LOCK_WAIT_S if restarted else LOCK_WAIT_S
         f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the run's life)
         deadline = time.monotonic() + wait_s
         while not self._try_lock(f):

@@ -149,23 +149,50 @@ def spawn(args: list[str], **env: str) -> subprocess.Popen:
 
 @contextlib.contextmanager
 def reaped(proc: subprocess.Popen):
-    """Whatever happens in the block, the process group is gone after it."""
+    """Whatever happens in the block, the process and everything it started are gone after it."""
     try:
         yield proc
     finally:
         if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc)
             proc.communicate()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun's workers run in sessions of their own)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen, *, stacks: bool = False) -> None:
+    """SIGKILL the process' group and every process below it; with ``stacks``, first ask each
+    for its Python stacks (deitctl prints them on SIGUSR1), so a hang says where it was."""
+    below = descendants(proc.pid)
+    if stacks:
+        for pid in [proc.pid, *below]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc, stacks=True)
         output, _ = proc.communicate()
-        pytest.fail(f"deitctl did not finish in {timeout} s:\n{output}")
+        pytest.fail(f"deitctl did not finish in {timeout} s (the Python stacks of its processes are below):\n{output}")
     return proc.returncode, output
 
 

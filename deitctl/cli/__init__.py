@@ -21,5 +21,11 @@ def _take_debug_flag(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    """Entry point for ``deitctl`` and ``python -m deitctl``."""
+    """Entry point for ``deitctl`` and ``python -m deitctl``. ``kill -USR1 PID`` prints the
+    Python stacks of a running deitctl to its stderr (a run that seems stuck says where)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     app(args=_take_debug_flag(sys.argv[1:]), prog_name="deitctl")
