@@ -331,9 +331,14 @@ def verdict(result: dict[str, Any], recipe: Recipe) -> dict[str, str]:
         if fixed
         else ""
     )
+    if share >= 0.2:
+        hint += (
+            f" The teacher is {share:.0%} of the step: its outputs from a cache (deitctl teach) would make it "
+            f"{cached:.0f} img/s."
+        )
     return {
         "bound": "compute",
-        "verdict": f"compute-bound: the student's step at {train:.0f} img/s uses {result['matmul_utilization']:.0%} "
+        "verdict": f"compute-bound: the step at {train:.0f} img/s uses {result['matmul_utilization']:.0%} "
         f"of this device's dense-matmul FLOP/s (the loader keeps up at {data:.0f} img/s).{hint}",
     }
 
