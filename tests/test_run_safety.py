@@ -275,7 +275,7 @@ def test_torchrun_restarts_a_killed_worker_and_ends_with_the_uninterrupted_figur
         wait_for(lambda: (out / "last.pt").exists() and len(_workers(agent.pid)) == 2, agent, "a commit")
         victim = _workers(agent.pid)[1]
         os.kill(victim, signal.SIGKILL)  # a worker lost mid-epoch
-        code, output = finish(agent, timeout=600)
+        code, output = finish(agent, timeout=240)
     assert code == 0, output
     assert "restart" in output.lower() and "resuming from" in output  # the group came back from the commit
     _close(out, reference)
