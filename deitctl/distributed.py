@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -38,8 +39,15 @@ def init_from_env(device_type: str) -> World:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=_timeout())
     return World(rank, world_size, local_rank)
+
+
+def _timeout() -> timedelta | None:
+    """``DEITCTL_DIST_TIMEOUT`` seconds for the process group (connecting included), so that a
+    process group that cannot form fails and torchrun can restart it; else PyTorch's default."""
+    seconds = float(os.environ.get("DEITCTL_DIST_TIMEOUT", "0") or 0)
+    return timedelta(seconds=seconds) if seconds > 0 else None
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

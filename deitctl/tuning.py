@@ -273,9 +273,12 @@ def _pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def decide(rows: list[dict[str, Any]], total_steps: int) -> Speed:
+def decide(rows: list[dict[str, Any]], total_steps: int, *, must_compile: bool = False) -> Speed:
     """The fastest eager setting, or a compiled one whose gain over ``total_steps`` steps
-    pays back its compile time."""
+    pays back its compile time; ``must_compile`` (the recipe says ``compile = true``): the
+    fastest compiled one."""
+    if must_compile:
+        return _speed(_pick([r for r in rows if r["compile"]]))
     eager = [r for r in rows if not r["compile"]]
     best = _pick(eager)
     for r in (r for r in rows if r["compile"]):
@@ -376,15 +379,16 @@ def resolve_speed(
     timer = StepTimer(student, teacher, batch, num_classes, device)
     key = cache_key(timer, options)
     rows = None if retune else cached_rows(key)
+    must_compile = options["compile"] == [True]
     if rows is not None:
-        return Tuning(decide(rows, total_steps), "cached", rows)
+        return Tuning(decide(rows, total_steps, must_compile=must_compile), "cached", rows)
     if log:
         log(f"measuring the speed settings left to auto (once; kept in {_cache_file()}):")
     started = time.perf_counter()
     rows = measure_candidates(timer, options, log=log)
     seconds = time.perf_counter() - started
     store_rows(key, rows, {"device": device_name(device), "torch": torch.__version__, "batch": list(batch)})
-    return Tuning(decide(rows, total_steps), "measured", rows, seconds)
+    return Tuning(decide(rows, total_steps, must_compile=must_compile), "measured", rows, seconds)
 
 
 def broadcast(tuning: Tuning | None) -> Tuning:

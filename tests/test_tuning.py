@@ -93,6 +93,9 @@ def test_compile_is_chosen_only_when_it_pays_back_over_the_run():
     rows = [_row(1.0), _row(0.5, compile_s=60.0, compile=True, gelu_backward="saved")]
     assert decide(rows, total_steps=100) == Speed()  # saves 50 s, costs 60 s
     assert decide(rows, total_steps=1000) == Speed(compile=True, gelu_backward="saved")  # saves 500 s
+    # a recipe that says compile = true compiles, however short the run
+    rows.append(_row(0.6, compile_s=60.0, compile=True))
+    assert decide(rows, total_steps=10, must_compile=True) == Speed(compile=True, gelu_backward="saved")
 
 
 # --------------------------------------------------------------------------- measuring
