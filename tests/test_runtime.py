@@ -78,13 +78,17 @@ def test_math_and_fused_attention_compute_the_same_function():
     torch.testing.assert_close(math, fused, rtol=1e-4, atol=1e-5)
 
 
-def test_trainer_picks_math_attention_and_fused_adamw_for_bf16_on_cpu(tmp_path):
-    t = _trainer(tmp_path, 'run.precision="bf16"')
-    assert t.attention == "math"
+def test_trainer_applies_its_attention_kernel_and_fused_adamw(tmp_path):
+    t = _trainer(tmp_path, 'run.precision="bf16"', 'run.attention="math"')
+    assert t.attention == "math" and t.precision == "bf16"
     assert all(not b.attn.fused_attn for b in t.student.blocks)
     assert optimizer_implementation(t.optimizer) == "fused"
-    t32 = _trainer(tmp_path / "fp32")
+    t32 = _trainer(tmp_path / "fp32", 'run.attention="fused"')
     assert t32.attention == "fused" and all(b.attn.fused_attn for b in t32.student.blocks)
+    # on auto, the measured kernel is the one the blocks run
+    auto = _trainer(tmp_path / "auto", 'run.attention="auto"')
+    assert auto.tuning.how in ("measured", "cached")
+    assert all(b.attn.fused_attn == (auto.attention == "fused") for b in auto.student.blocks)
 
 
 @pytest.mark.parametrize("impl,expected", [("loop", "loop"), ("foreach", "foreach"), ("fused", "fused")])
