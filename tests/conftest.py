@@ -81,6 +81,20 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def torchrun_deitctl(processes: int = 2) -> list[str]:
+    """``python -m torch.distributed.run ... -m deitctl``: that many processes on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_port={free_port()}",
+        "--master_addr=127.0.0.1",
+        "-m",
+        "deitctl",
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, cli, free_port, invoke, read_metrics
+from conftest import ROOT, SAMPLE, cli, invoke, read_metrics, torchrun_deitctl
 
 pytestmark = pytest.mark.slow  # torchrun with 2 processes
 
@@ -53,16 +52,7 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
     # the quickstart recipe has a teacher; strategy none leaves it unused
     _one_process(base / "single", ["data.batch_size=8"])
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "--master_addr=127.0.0.1",
-        "-m",
-        "deitctl",
-    ]
+    torchrun = torchrun_deitctl()
     overrides = ["data.batch_size=4", 'run.loggers=["tensorboard"]', "run.log_every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [*torchrun, *_args(base / "ddp", overrides)]

@@ -8,13 +8,12 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import HOSTILE, ROOT, TINY, cli, free_port, read_metrics, set_args
+from conftest import HOSTILE, ROOT, TINY, cli, read_metrics, set_args, torchrun_deitctl
 from test_shards import make_tree
 
 from deitctl_plugins.datasets import _rgb_loader
@@ -125,14 +124,7 @@ def test_under_torchrun_every_streamed_training_image_is_used_once_per_epoch(dat
     }
     extra = ["augmentation.plugin=recording", "data.batch_size=4", "data.num_workers=1", "data.stream=true"]
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "--master_addr=127.0.0.1",
-        "-m",
-        "deitctl",
+        *torchrun_deitctl(),
         "train",
         str(HOSTILE / "tiny.toml"),
         *_sets("webdataset", packed, tmp_path / "run", *extra),
