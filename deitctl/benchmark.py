@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deitctl.data import release_workers
+from deitctl.machine import synchronize
 from deitctl.recipe import Recipe
 from deitctl.teacher_cache import input_checksum
 from deitctl.teacher_source import CachedTeacher, TeacherSource
@@ -114,11 +115,6 @@ class _HostPeak:
         if self.exact:
             return max(0.0, _proc_status_mb("VmHWM") - self.before)
         return _peak_rss_mb() - self.before
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_step(trainer: Trainer, images: torch.Tensor, targets: torch.Tensor, step: int = 0) -> None:
@@ -239,11 +235,11 @@ def run_benchmark(
                 if source is not None:
                     trainer.teachers = source
                 x, y = batch(i)
-                _sync(device)
+                synchronize(device)
                 clock.reset()
                 t0 = time.perf_counter()
                 train_step(trainer, x, y, step=i)
-                _sync(device)
+                synchronize(device)
                 if i >= warmup and variant == "cached":
                     cached_time += time.perf_counter() - t0
                 elif i >= warmup:
@@ -263,12 +259,12 @@ def run_benchmark(
     with torch.no_grad():
         for i in range(warmup + steps):
             x, _ = batch(i)
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             x = x.to(device, non_blocking=True)
             with trainer.autocast():
                 student_heads(model, x)
-            _sync(device)
+            synchronize(device)
             if i >= warmup:
                 eval_time += time.perf_counter() - t0
                 eval_images += x.shape[0]
@@ -400,7 +396,7 @@ def tuning_table(result: dict[str, Any]) -> Table:
     """``--tune``: every speed candidate, timed on this machine."""
     from rich.table import Table
 
-    from deitctl.tuning import format_row
+    from deitctl.tuning import row_label
 
     table = Table(title=f'speed candidates (run.* = "auto" takes: {result["tuned"]})')
     table.add_column("settings")
@@ -408,6 +404,6 @@ def tuning_table(result: dict[str, Any]) -> Table:
     table.add_column("compile s", justify="right")
     rows = result["tuning"]
     for row in rows:
-        label = format_row(row).split(":")[0]
+        label = row_label(row)
         table.add_row(label, f"{row['step_s'] * 1000:.1f}", f"{row['compile_s']:.1f}" if row["compile"] else "")
     return table

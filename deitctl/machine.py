@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deitctl.runtime import usable_cpus
+
 # the CPU flags that decide which precisions and kernels run fast
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,7 +66,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["bf16"] = torch.cuda.is_bf16_supported()
     else:
         info["flags"] = [f for f in RELEVANT_FLAGS if f in cpu_flags()]
-        info["cores"] = _usable_cpus()
+        info["cores"] = usable_cpus()
     return info
 
 
@@ -76,13 +78,8 @@ def describe(info: dict[str, Any]) -> str:
     return f"{info['name']}, {info['threads']} threads ({flags}; torch {info['torch']})"
 
 
-def _usable_cpus() -> int:
-    from deitctl.runtime import usable_cpus
-
-    return usable_cpus()
-
-
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -96,12 +93,12 @@ def matmul_flops(device: torch.device, precision: str, *, size: int = 0, seconds
     a = torch.randn(size, size, generator=g).to(device, dtype)
     b = torch.randn(size, size, generator=g).to(device, dtype)
     torch.mm(a, b)  # warm-up: kernels chosen, memory touched
-    _sync(device)
+    synchronize(device)
     best, spent = float("inf"), 0.0
     while spent < seconds:
         t0 = time.perf_counter()
         torch.mm(a, b)
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - t0
         best, spent = min(best, elapsed), spent + elapsed
     return 2 * size**3 / best

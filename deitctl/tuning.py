@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deitctl.machine import device_name
+from deitctl.machine import device_name, synchronize
 from deitctl.runtime import autocast_factory, set_attention
 
 MARGIN = 0.03  # a non-baseline setting must be this much faster
@@ -87,14 +87,15 @@ class Tuning:
         timing = f" in {self.seconds:.1f} s" if self.how == "measured" else ""
         return f"speed ({self.how}{timing}): {self.speed.label()}{gain}"
 
-    def table(self) -> list[str]:
-        return [format_row(r, chosen=_speed(r) == self.speed) for r in self.rows]
 
-
-def format_row(row: dict[str, Any], *, chosen: bool = False) -> str:
+def format_row(row: dict[str, Any]) -> str:
     compile_s = f", compiling {row['compile_s']:.1f} s" if row.get("compile_s") else ""
-    mark = "  <- chosen" if chosen else ""
-    return f"{_speed(row).label()}: {row['step_s'] * 1000:.1f} ms/step{compile_s}{mark}"
+    return f"{row_label(row)}: {row['step_s'] * 1000:.1f} ms/step{compile_s}"
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """The settings a row of the table timed, as the log names them."""
+    return _speed(row).label()
 
 
 def _speed(row: dict[str, Any]) -> Speed:
@@ -192,8 +193,7 @@ class StepTimer:
     def _step(self, s: Speed, student: Callable[..., Any], teacher: Callable[..., Any] | None) -> float:
         autocast = autocast_factory(self.device, s.precision)
         images = self.images
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         t0 = time.perf_counter()
         with autocast():
             if teacher is not None:
@@ -204,8 +204,7 @@ class StepTimer:
             outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
             loss = sum(F.cross_entropy(o.float(), self.targets) for o in outputs)
         loss.backward()  # type: ignore[union-attr]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         return time.perf_counter() - t0
 
     def measure(self, s: Speed, *, warmup: int = WARMUP, steps: int = STEPS) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from conftest import TINY as TINY_RECIPE
 
 from deitctl.benchmark import KEYS, tuning_table
 from deitctl.cli import app
-from deitctl.tuning import format_row
+from deitctl.tuning import row_label
 
 TINY = [
     f"data.root={json.dumps(str(SAMPLE))}",
@@ -69,7 +69,7 @@ def test_benchmark_tune_times_every_candidate_and_keeps_them(tmp_path, monkeypat
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     # every candidate timed (as if every speed key were "auto"), and kept for later runs
-    labels = {format_row(row).split(":")[0] for row in figures["tuning"]}
+    labels = {row_label(row) for row in figures["tuning"]}
     for precision, attention in itertools.product(("fp32", "bf16"), ("fused", "math")):
         assert f"{precision}, {attention} attention, eager" in labels
     assert any("GELU backward saved" in label for label in labels)
