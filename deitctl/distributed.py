@@ -39,8 +39,33 @@ def init_from_env(device_type: str) -> World:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, timeout=_timeout())
+        store = _attempt_store(world_size)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=_timeout())
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=_timeout())
     return World(rank, world_size, local_rank)
+
+
+def _attempt_store(world_size: int) -> dist.Store | None:
+    """Under torchrun, the elastic agent's store seen through a prefix of its own for each restart.
+
+    With torchrun's static rendezvous (``--master-addr``/``--master-port``) the agent keeps one
+    store for all restarts, and PyTorch's ``env://`` joins it without a prefix: a restarted group
+    then reads the addresses its dead predecessor published and gloo waits for ever in
+    ``connectFullMesh``. ``None`` where no agent serves the store (plain launches, Slurm's
+    ``srun`` with ``MASTER_ADDR``)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=_timeout() or dist.default_pg_timeout,
+    )
+    return dist.PrefixStore(f"deitctl/attempt_{attempt}/", store)
 
 
 def _timeout() -> timedelta | None:
