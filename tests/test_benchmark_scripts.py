@@ -125,3 +125,21 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert eager["train_images_per_s"] > 0 and 0 < eager["matmul_utilization"] < 1
     assert eager["train_images_per_s_cached"] > 0 and eager["bound"] in ("data", "teacher", "compute")
     assert summary["machine"]["device"] == "cpu" and summary["loader"]
+
+
+def test_cifar10_archive_writes_what_the_importer_reads_pixel_for_pixel(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from deitctl.cifar10 import import_cifar10
+
+    sample = ROOT / "data" / "cifar10-sample"
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    assert "training and" in _script("cifar10_archive.py", str(sample), str(archive))
+    counts = import_cifar10(tmp_path / "cifar10", archive=archive)
+    train = sorted((sample / "train").rglob("*.jpg"))
+    assert counts == {"train": len(train), "test": len(list((sample / "val").rglob("*.jpg")))}
+    first = sorted((sample / "val" / "airplane").iterdir())[0]  # test images keep their order
+    imported = sorted((tmp_path / "cifar10" / "test" / "airplane").iterdir())[0]
+    with Image.open(first) as a, Image.open(imported) as b:
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b))
