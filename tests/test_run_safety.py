@@ -288,17 +288,29 @@ def test_each_torchrun_restart_reads_its_own_keys_from_the_agents_store(monkeypa
     del agent
 
 
-@pytest.mark.slow
-def test_torchrun_restarts_a_killed_worker_and_ends_with_the_uninterrupted_figures(tmp_path):
-    sets = [*EXACT, "run.epochs=2", "data.batch_size=4", "augmentation.plugin=slow_deit"]
-    reference = tmp_path / "reference"
-    code, output = finish(_torchrun(reference, sets))
+ELASTIC = [*EXACT, "run.epochs=2", "data.batch_size=4", "augmentation.plugin=slow_deit"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_2_processes(tmp_path_factory) -> Path:
+    reference = tmp_path_factory.mktemp("elastic") / "reference"
+    code, output = finish(_torchrun(reference, ELASTIC))
     assert code == 0, output
+    return reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_torchrun_restarts_a_killed_worker_and_ends_with_the_uninterrupted_figures(
+    tmp_path, rendezvous, uninterrupted_2_processes
+):
     out = tmp_path / "elastic"
-    slow = [*sets, "augmentation.delay=0.01"]  # time to kill a worker mid-epoch
+    slow = [*ELASTIC, "augmentation.delay=0.01"]  # time to kill a worker mid-epoch
     # one restart allowed: the restarted group must form at its first try (it reads its own keys,
     # not those its dead predecessor left in the agent's store)
-    restarts = ("--max-restarts=1", "--monitor-interval=0.5")
+    restarts = ["--max-restarts=1", "--monitor-interval=0.5"]
+    if rendezvous == "c10d":  # README's multi-node launch
+        restarts += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=elastic"]
     with reaped(_torchrun(out, slow, *restarts, tail=("--auto-resume",))) as agent:
         wait_for(lambda: (out / "last.pt").exists() and len(_workers(agent.pid)) == 2, agent, "a commit")
         victim = _workers(agent.pid)[1]
@@ -306,7 +318,7 @@ def test_torchrun_restarts_a_killed_worker_and_ends_with_the_uninterrupted_figur
         code, output = finish(agent, timeout=300)
     assert code == 0, output
     assert "restart" in output.lower() and "resuming from" in output  # the group came back from the commit
-    _close(out, reference)
+    _close(out, uninterrupted_2_processes)
 
 
 def _close(out: Path, reference: Path) -> None:
