@@ -39,11 +39,8 @@ def init_from_env(device_type: str) -> World:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        store = _attempt_store(world_size)
-        if store is None:
-            dist.init_process_group(backend=backend, timeout=_timeout())
-        else:
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=_timeout())
+        store = _attempt_store(world_size)  # None: PyTorch's env:// rendezvous
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=_timeout())
     return World(rank, world_size, local_rank)
 
 
