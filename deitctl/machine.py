@@ -118,12 +118,39 @@ def matmul_peak(device: torch.device, precisions: list[str]) -> dict[str, float]
     return {p: matmul_flops(device, p) for p in precisions}
 
 
+def _attention_flops() -> dict[Any, Any]:
+    """FLOP formulas for the fused attention kernels, so that a model's FLOPs do not depend
+    on which kernel runs: ``torch.utils.flop_counter`` does not count PyTorch's CPU kernel,
+    and counts the CUDA kernels' backward with their recomputed ``Q Kᵀ`` (2.5 forwards);
+    here every kernel counts as the explicit matmuls do (a forward: ``Q Kᵀ`` and ``P V``; a
+    backward: their four gradient products, two forwards)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return 2 * sdpa_flop_count(query, key, value)
+
+    backwards = (
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+        "_scaled_dot_product_flash_attention_backward",
+        "_scaled_dot_product_efficient_attention_backward",
+        "_scaled_dot_product_cudnn_attention_backward",
+    )
+    mapping: dict[Any, Any] = {aten._scaled_dot_product_flash_attention_for_cpu: forward}
+    mapping.update({getattr(aten, name): backward for name in backwards if hasattr(aten, name)})
+    return mapping
+
+
 def flops_per_image(student: nn.Module, teacher: nn.Module | None, batch: torch.Tensor) -> float:
     """FLOPs of one training image: the student's forward and backward, plus the teacher's
     forward, counted by ``torch.utils.flop_counter`` on ``batch`` (the models are not changed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_attention_flops())
     with torch.random.fork_rng(devices=[]), counter:
         if teacher is not None:
             with torch.no_grad():

@@ -59,12 +59,17 @@ def resolve_attention(attention: str) -> str:
 
 
 def set_attention(model: nn.Module, attention: str) -> int:
-    """Switch every timm attention block (``fused_attn``) in ``model``; returns how many."""
+    """Switch every timm attention block (``fused_attn``) in ``model``; returns how many.
+    ``math`` runs timm's explicit path, and outside ``torch.compile`` DeiT's plain blocks take
+    :func:`deitctl.attention.explicit_attention` (the same function, fewer passes)."""
+    from deitctl.attention import set_explicit_attention
+
     count = 0
     for module in model.modules():
         if isinstance(getattr(module, "fused_attn", None), bool):
             setattr(module, "fused_attn", attention == "fused")  # noqa: B010 (an attribute of timm's blocks)
             count += 1
+    set_explicit_attention(model, attention == "math")
     return count
 
 

@@ -42,6 +42,7 @@ LAYERS: dict[str, set[str]] = {
         "teacher",
         "runtime",
         "activations",
+        "attention",
         "checkpoint",
         "distributed",
         "rng",

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from conftest import ROOT, cli
 
 from deitctl.machine import flops_per_image, machine_info
+from deitctl.runtime import set_attention
 from deitctl.tuning import (
     KEYS,
     Speed,
@@ -166,6 +167,20 @@ def test_flops_per_image_counts_forward_backward_and_the_teachers_forward():
     assert flops_per_image(student, None, batch) == forward * 2
     assert flops_per_image(student, teacher, batch) == forward * 2 + 2 * 192 * 5
     assert all(p.grad is None for p in student.parameters())
+
+
+def test_flops_per_image_is_the_same_whichever_attention_kernel_runs():
+    # torch's counter skips the CPU fused kernel: a fused-attention run would lose its attention FLOPs
+    student = timm.create_model(
+        "deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+        num_classes=10,
+    )  # fmt: skip
+    batch = torch.randn(2, 3, 32, 32)
+    assert set_attention(student, "math") == 2
+    math = flops_per_image(student, None, batch)
+    assert set_attention(student, "fused") == 2
+    fused = flops_per_image(student, None, batch)
+    assert fused == math  # torch counts the explicit matmuls; the fused kernel now counts the same
 
 
 # --------------------------------------------------------------------------- DDP: rank 0 decides
