@@ -5,6 +5,11 @@ in memory), the operators grouped by kind (dense matmuls, convolutions, attentio
 normalisation, softmax, element-wise, optimizer), each kind's share of the CPU time and
 the matmuls' own FLOP/s against this machine's dense-matmul peak.
 
+``torch.profiler`` times each operator with hooks around it; on some CPUs (an Intel Xeon with
+AMX) this inflates memory-bound kernels several times over (GELU 28 % of a step where
+``perf record`` samples 3 %). Read the kinds and call counts here, and take shares of time
+from a sampling profiler over plain steps: ``perf record -g deitctl benchmark RECIPE --steps 40``.
+
     python benchmarks/profile_step.py RECIPE [--set KEY=VALUE]... [--steps 5] [--json OUT]
 """
 

@@ -19,6 +19,7 @@ gives NaN where ``F.gelu`` gives ±inf/0 (training has diverged by then anyway).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -101,12 +102,23 @@ def _timm_gelu() -> tuple[type, ...]:
     return (GELU,)
 
 
+class _InPlaceNotice(logging.Filter):
+    """Drops torch's notice that a checkpoint policy is compiled ("make sure the checkpointed
+    region does not contain in-place ops"): the region here is one GELU, which has none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+
 def save_gelu_derivative(model: nn.Module) -> int:
     """Replace every exact GELU module (``nn.GELU``, timm's ``GELU``) in ``model`` with
     :class:`SavedDerivativeGELU`; returns how many.
 
     GELU has no parameters, so state dicts and checkpoints are unchanged.
     """
+    notices = logging.getLogger("torch._higher_order_ops.wrap")
+    if not any(isinstance(f, _InPlaceNotice) for f in notices.filters):
+        notices.addFilter(_InPlaceNotice())
     exact = (nn.GELU, *_timm_gelu())
     count = 0
     for module in model.modules():

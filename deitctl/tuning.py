@@ -304,8 +304,14 @@ def _signature(model: nn.Module | None) -> str:
     return f"{type(model).__name__}:{params}:{hashlib.sha256(repr(model).encode()).hexdigest()[:16]}"
 
 
+# raised when a candidate's kernels change (here: explicit attention in eager), so that a
+# cached measurement of the old kernels is taken again
+KERNELS_REVISION = 2
+
+
 def cache_key(timer: StepTimer, options: dict[str, list[Any]]) -> str:
     fields = {
+        "kernels": KERNELS_REVISION,
         "device": device_name(timer.device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -89,6 +89,25 @@ def _compiled_step(act: nn.Module, x: torch.Tensor):
     return y.detach(), grads, ops
 
 
+def test_torchs_in_place_notice_for_the_checkpoint_policy_is_dropped():
+    # torch warns once per process when a checkpoint policy is compiled; one GELU has no in-place op
+    import logging
+
+    from deitctl.activations import save_gelu_derivative
+
+    save_gelu_derivative(nn.Sequential(nn.GELU()))
+    save_gelu_derivative(nn.Sequential(nn.GELU()))
+    notices = logging.getLogger("torch._higher_order_ops.wrap")
+    assert len(notices.filters) == 1
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord(notices.name, logging.WARNING, __file__, 1, message, None, None)
+
+    notice = "\nDetected that context_fn is passed to torch.utils.checkpoint under torch.compile.\n"
+    assert not notices.filter(record(notice))
+    assert notices.filter(record("something else"))
+
+
 @pytest.mark.slow
 def test_compiled_backward_multiplies_by_the_saved_derivative():
     x = torch.randn(32, 16)
