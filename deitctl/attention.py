@@ -1,5 +1,5 @@
 """Attention as explicit batched matmuls with a hand-written backward (``run.attention =
-"explicit"``): the same function as timm's attention, fewer passes over memory.
+"math"`` outside ``torch.compile``): the same function as timm's, fewer passes over memory.
 
 timm's explicit path (``fused_attn = False``) scales ``q`` in a pass of its own, lets
 ``matmul`` copy the strided ``q``/``k``/``v`` views, and its autograd stacks and copies the
@@ -8,7 +8,7 @@ three gradients back into the ``qkv`` layout. PyTorch's fused CPU kernel works i
 takes the ``qkv`` projection as it comes (``B × N × 3·H·D``), makes ``q``, ``k`` and ``v``
 contiguous in one copy, folds the scale into the GEMMs (``alpha``), and writes the three
 gradients into one buffer laid out as ``qkv``. The numerics are the explicit path's up to
-float rounding (``tests/test_runtime.py``).
+float rounding (``tests/test_attention.py``).
 
 The swap applies to timm's ``Attention`` blocks without masks, dropout on the attention
 weights, q/k normalisation or gating (DeiT's); others keep their kernel.
@@ -74,11 +74,9 @@ def _explicit_forward(self: Any, x: torch.Tensor, attn_mask: Any = None, is_caus
     return self.proj_drop(self.proj(self.norm(out)))
 
 
-def _swappable(module: nn.Module) -> bool:
-    from timm.layers import Attention
-
+def _swappable(module: nn.Module, attention: type) -> bool:
     return (
-        isinstance(module, Attention)
+        isinstance(module, attention)
         and isinstance(module.q_norm, nn.Identity)
         and isinstance(module.k_norm, nn.Identity)
         and getattr(module, "gate", None) is None
@@ -91,9 +89,11 @@ def set_explicit_attention(model: nn.Module, enabled: bool) -> int:
     """Route timm's plain attention blocks in ``model`` through :func:`explicit_attention`
     (``enabled``) or back to their own forward; returns how many blocks were switched. The
     parameters and the state dict are not touched."""
+    from timm.layers import Attention
+
     count = 0
     for module in model.modules():
-        if _swappable(module):
+        if _swappable(module, Attention):
             if enabled:
                 module.forward = _explicit_forward.__get__(module)
             elif "forward" in vars(module):

@@ -304,8 +304,8 @@ def _signature(model: nn.Module | None) -> str:
     return f"{type(model).__name__}:{params}:{hashlib.sha256(repr(model).encode()).hexdigest()[:16]}"
 
 
-# raised when a candidate's kernels change (here: explicit attention in eager), so that a
-# cached measurement of the old kernels is taken again
+# raise it when a candidate's kernels change, so that measurements cached with the old
+# kernels are taken again
 KERNELS_REVISION = 2
 
 
