@@ -74,9 +74,11 @@ def _explicit_forward(self: Any, x: torch.Tensor, attn_mask: Any = None, is_caus
     return self.proj_drop(self.proj(self.norm(out)))
 
 
-def _swappable(module: nn.Module, attention: type) -> bool:
+def _swappable(module: nn.Module) -> bool:
+    from timm.layers import Attention
+
     return (
-        isinstance(module, attention)
+        isinstance(module, Attention)
         and isinstance(module.q_norm, nn.Identity)
         and isinstance(module.k_norm, nn.Identity)
         and getattr(module, "gate", None) is None
@@ -89,11 +91,9 @@ def set_explicit_attention(model: nn.Module, enabled: bool) -> int:
     """Route timm's plain attention blocks in ``model`` through :func:`explicit_attention`
     (``enabled``) or back to their own forward; returns how many blocks were switched. The
     parameters and the state dict are not touched."""
-    from timm.layers import Attention
-
     count = 0
     for module in model.modules():
-        if _swappable(module, Attention):
+        if _swappable(module):
             if enabled:
                 module.forward = _explicit_forward.__get__(module)
             elif "forward" in vars(module):
