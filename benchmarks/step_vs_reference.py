@@ -32,6 +32,8 @@ speed key set explicitly) and ``auto``:
                      machine when the trainer is built (a fresh cache), then trains
   teacher_bf16       prototype: only the teacher under bf16 autocast (student fp32)
   loop_adamw         optimizer.implementation = "loop" (the reference's AdamW)
+  compile_plain      compile as PyTorch alone does it: without deitctl's graph pass
+                     (deitctl/compiler.py), to measure that pass against compile
 
 Shapes (``--shape``; the flags below change single dimensions):
 
@@ -70,7 +72,7 @@ from torch import nn
 from alternate import Runner, Step, alternate, local_runner, median_step_s, remote_runner, speed_ratios
 
 FIXED = ("deitctl", "fp32_math", "bf16", "bf16_fused_attn", "channels_last", "compile", "best_eager", "best")
-ALL_VARIANTS = (*FIXED, "auto", "teacher_bf16", "loop_adamw")
+ALL_VARIANTS = (*FIXED, "auto", "teacher_bf16", "loop_adamw", "compile_plain")
 DEFAULT_VARIANTS = (*FIXED, "auto")
 EAGER_BEST = ("bf16", "channels_last")
 TWEAKS = {
@@ -82,6 +84,7 @@ TWEAKS = {
     "channels_last": ("channels_last",),
     "loop_adamw": ("loop_adamw",),
     "compile": ("compile",),
+    "compile_plain": ("compile", "plain_compile"),
     "best_eager": (*EAGER_BEST, "math"),
     "best": (*EAGER_BEST, "math", "compile"),
     "auto": ("auto",),
@@ -276,7 +279,13 @@ def build_deitctl(args: argparse.Namespace, tweaks: tuple[str, ...], output_dir:
     }
     overrides = [item for t in tweaks for item in settings.get(t, [])]
     recipe = recipe_from_text(recipe_text(args, output_dir), "<step_vs_reference>", overrides)
-    trainer = Trainer(recipe)
+    from deitctl import compiler
+
+    compiler.GRAPH_PASSES = "plain_compile" not in tweaks  # read when the Trainer compiles
+    try:
+        trainer = Trainer(recipe)
+    finally:
+        compiler.GRAPH_PASSES = True
     if "auto" in tweaks and (path := os.environ.get("STEP_VS_REFERENCE_AUTO")):
         tuning = trainer.tuning
         with open(path, "w", encoding="utf-8") as f:

@@ -36,6 +36,7 @@ from deitctl.assembly import (
 )
 from deitctl.cache_identity import differences, require_indexed, state_sha256, stream_identity, teacher_identity
 from deitctl.checkpoint import atomic_write
+from deitctl.compiler import compile_module
 from deitctl.distributed import World, barrier
 from deitctl.errors import RecipeError, UserError
 from deitctl.events import StepClock
@@ -146,8 +147,8 @@ def _build(recipe: Recipe, options: TeachOptions, world_size: int, world: World,
     set_attention(frozen, speed.attention)
     if speed.channels_last:
         frozen = frozen.to(memory_format=torch.channels_last)
-    forward = torch.compile(frozen) if speed.compile else frozen
-    teacher = LiveTeacher(forward, StepClock(device), channels_last=speed.channels_last)  # type: ignore[arg-type]
+    forward = compile_module(frozen) if speed.compile else frozen
+    teacher = LiveTeacher(forward, StepClock(device), channels_last=speed.channels_last)
     autocast = autocast_factory(device, precision)
     with autocast():
         probe = teacher.logits(torch.zeros(2, 3, recipe.data.img_size, recipe.data.img_size, device=device), 0, 0)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from deitctl.assembly import Parts, assemble
+from deitctl.compiler import compile_module
 from deitctl.distributed import World, all_reduce_sum, any_rank
 from deitctl.errors import RunError, UserError
 from deitctl.evaluation import evaluate
@@ -120,7 +121,7 @@ class Trainer:
             self.ema = ModelEmaV3(self.student, decay=self.recipe.ema.decay, use_warmup=self.recipe.ema.warmup)
         self.forward: nn.Module = self.student
         if self.compile:
-            self.forward = torch.compile(self.student)  # type: ignore[assignment]
+            self.forward = compile_module(self.student)
         if self.world.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -133,8 +134,8 @@ class Trainer:
         set_attention(self.teacher, self.attention)
         if self.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        forward = torch.compile(self.teacher) if self.compile else self.teacher
-        return LiveTeacher(forward, self.clock, channels_last=self.channels_last)  # type: ignore[arg-type]
+        forward = compile_module(self.teacher) if self.compile else self.teacher
+        return LiveTeacher(forward, self.clock, channels_last=self.channels_last)
 
     def _cached_teacher(self) -> TeacherSource:
         """``[teacher] cache`` for this process; the live teacher for the epochs it lacks."""

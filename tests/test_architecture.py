@@ -58,6 +58,7 @@ LAYERS: dict[str, set[str]] = {
         "cifar10",
         "tuning",
         "machine",
+        "compiler",
     },
     "registry": {"registry", "kinds", "hookspecs", "recipe", "schema", "tomlio", "errors", "__init__"},
 }
