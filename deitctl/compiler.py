@@ -46,10 +46,10 @@ def _column_sum(node: fx.Node) -> tuple[int, int] | None:
     value = source.meta.get("val") if isinstance(source, fx.Node) else None
     if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or value.device.type != "cpu":
         return None
-    if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims) or not value.is_contiguous():
+    if not isinstance(dims, (list, tuple)) or not value.is_contiguous():
         return None
     reduced = sorted(d % value.dim() for d in dims if isinstance(d, int))
-    if reduced != list(range(len(reduced))) or len(reduced) == value.dim():
+    if len(reduced) != len(dims) or reduced != list(range(len(reduced))) or len(reduced) == value.dim():
         return None
     rows = math.prod(int(s) for s in value.shape[: len(reduced)])
     columns = math.prod(int(s) for s in value.shape[len(reduced) :])
