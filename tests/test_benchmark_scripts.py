@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -95,15 +96,14 @@ def test_loader_compares_the_loaders_and_profiles_the_stages(tmp_path):
     assert {"to_tensor", "normalize", "erasing"} <= set(stages["plain jpeg"])
 
 
-def test_gpu_script_dry_run_on_cpu(tmp_path):
-    """benchmarks/gpu.sh is prepared for a GPU machine; its CPU dry run checks it end to end."""
+def _gpu_dry_run(out: Path, compiles: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "DEVICE": "cpu",
         "BATCH": "2",
         "STEPS": "1",
         "WARMUP": "0",
-        "COMPILES": "false",
+        "COMPILES": compiles,
         "LOADER_IMAGES": "20",
         "LOADER_ROUNDS": "1",
         "LOADER_BATCH": "4",
@@ -111,20 +111,36 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
         "PYTHON": sys.executable,
         "EXTRA_SETS": "student.depth=1 data.img_size=64 teacher.model=regnety_002",
     }
-    proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path / "out")],
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         env=env,
         timeout=600,
     )
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu.sh is prepared for a GPU machine; its CPU dry run checks it end to end."""
+    proc = _gpu_dry_run(tmp_path / "out", "false")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     eager = summary["compile_false"]
     assert eager["train_images_per_s"] > 0 and 0 < eager["matmul_utilization"] < 1
     assert eager["train_images_per_s_cached"] > 0 and eager["bound"] in ("data", "teacher", "compute")
-    assert summary["machine"]["device"] == "cpu" and summary["loader"]
+    assert summary["machine"]["device"] == "cpu" and summary["loader"] and summary["failed"] == {}
+
+
+def test_gpu_script_keeps_the_other_measurements_when_one_fails(tmp_path):
+    """A GPU lease is short: a failing measurement is recorded, the rest still run and report."""
+    proc = _gpu_dry_run(tmp_path / "out", "false maybe")  # run.compile = maybe: a recipe error
+    assert proc.returncode == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["compile_false"]["train_images_per_s"] > 0 and summary["loader"]
+    assert "compile_maybe" not in summary
+    assert any("run.compile" in line for line in summary["failed"]["deit_s_regnety160_compile_maybe"])
+    assert "deit_s_regnety160_compile_maybe failed" in proc.stderr
 
 
 def test_cifar10_archive_writes_what_the_importer_reads_pixel_for_pixel(tmp_path):
