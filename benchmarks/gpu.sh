@@ -7,8 +7,10 @@
 #   2. the training loader's images/s per CPU worker on real JPEGs (benchmarks/loader.py,
 #      CIFAR-10 images from data/cifar10-sample upscaled to ImageNet's file size);
 #   3. step 1 compiled.
-# Each measurement stands alone, most important first: one that fails (or is cut short) is
-# recorded under "failed" in summary.json with its last lines, and the others still run.
+# Each measurement stands alone, most important first: one that fails (exits non-zero,
+# killed included) is recorded under "failed" in summary.json with its last lines, and the
+# others still run. Each measurement's JSON is written when it ends, so a run stopped from
+# outside keeps the ones done.
 # Results: one JSON file per measurement and summary.json under OUT (default gpu-results);
 # the exit status is 1 when any measurement failed.
 #
