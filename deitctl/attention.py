@@ -74,6 +74,27 @@ def _explicit_forward(self: Any, x: torch.Tensor, attn_mask: Any = None, is_caus
     return self.proj_drop(self.proj(self.norm(out)))
 
 
+def _kernel_forward(self: Any, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
+    """timm ``Attention.forward`` through deitctl's C++ kernel
+    (:mod:`deitctl.attention_kernel`) where it applies (fp32 on the CPU), else as
+    :func:`_explicit_forward`."""
+    from deitctl.attention_kernel import applies, kernel_attention
+
+    if attn_mask is not None or is_causal:
+        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    qkv = self.qkv(x)
+    if applies(qkv):
+        out = kernel_attention(qkv, self.num_heads, self.scale)
+    elif torch.compiler.is_compiling():  # timm's explicit path, as plain ops
+        batch, tokens, _ = qkv.shape
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(batch, tokens, -1)
+    else:
+        out = explicit_attention(qkv, self.num_heads, self.scale)
+    return self.proj_drop(self.proj(self.norm(out)))
+
+
 def _swappable(module: nn.Module) -> bool:
     from timm.layers import Attention
 
@@ -87,14 +108,16 @@ def _swappable(module: nn.Module) -> bool:
     )
 
 
-def set_explicit_attention(model: nn.Module, enabled: bool) -> int:
+def set_explicit_attention(model: nn.Module, enabled: bool, kernel: bool = False) -> int:
     """Route timm's plain attention blocks in ``model`` through :func:`explicit_attention`
-    (``enabled``) or back to their own forward; returns how many blocks were switched. The
-    parameters and the state dict are not touched."""
+    (``enabled``), deitctl's C++ kernel (``kernel``) or back to their own forward; returns
+    how many blocks were switched. The parameters and the state dict are not touched."""
     count = 0
     for module in model.modules():
         if _swappable(module):
-            if enabled:
+            if kernel:
+                module.forward = _kernel_forward.__get__(module)
+            elif enabled:
                 module.forward = _explicit_forward.__get__(module)
             elif "forward" in vars(module):
                 del module.forward

@@ -123,7 +123,7 @@ def _attention_flops() -> dict[Any, Any]:
     on which kernel runs: ``torch.utils.flop_counter`` does not count PyTorch's CPU kernel,
     and counts the CUDA kernels' backward with their recomputed ``Q Kᵀ`` (2.5 forwards);
     here every kernel counts as the explicit matmuls do (a forward: ``Q Kᵀ`` and ``P V``; a
-    backward: their four gradient products, two forwards)."""
+    backward: their four gradient products, two forwards), deitctl's C++ kernel included."""
     from torch.utils.flop_counter import sdpa_flop_count
 
     aten = torch.ops.aten
@@ -142,6 +142,18 @@ def _attention_flops() -> dict[Any, Any]:
     )
     mapping: dict[Any, Any] = {aten._scaled_dot_product_flash_attention_for_cpu: forward}
     mapping.update({getattr(aten, name): backward for name in backwards if hasattr(aten, name)})
+
+    import deitctl.attention_kernel  # noqa: F401 (registers deitctl's attention operators)
+
+    def kernel(qkv: Any, heads: int, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        batch, tokens, width = qkv  # q kᵀ and p v: 2 · 2·B·N·N·(width / 3)
+        return 4 * batch * tokens * tokens * width // 3
+
+    def kernel_backward(grad: Any, qkv: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return 2 * kernel(qkv, 0)
+
+    mapping[torch.ops.deitctl.attention] = kernel
+    mapping[torch.ops.deitctl.attention_backward] = kernel_backward
     return mapping
 
 

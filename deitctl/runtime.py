@@ -61,7 +61,8 @@ def resolve_attention(attention: str) -> str:
 def set_attention(model: nn.Module, attention: str) -> int:
     """Switch every timm attention block (``fused_attn``) in ``model``; returns how many.
     ``math`` runs timm's explicit path, and outside ``torch.compile`` DeiT's plain blocks take
-    :func:`deitctl.attention.explicit_attention` (the same function, fewer passes)."""
+    :func:`deitctl.attention.explicit_attention` (the same function, fewer passes); ``cpp``
+    runs DeiT's plain blocks through :mod:`deitctl.attention_kernel` (fp32 on the CPU)."""
     from deitctl.attention import set_explicit_attention
 
     count = 0
@@ -69,7 +70,7 @@ def set_attention(model: nn.Module, attention: str) -> int:
         if isinstance(getattr(module, "fused_attn", None), bool):
             setattr(module, "fused_attn", attention == "fused")  # noqa: B010 (an attribute of timm's blocks)
             count += 1
-    set_explicit_attention(model, attention == "math")
+    set_explicit_attention(model, attention == "math", kernel=attention == "cpp")
     return count
 
 

@@ -48,9 +48,10 @@ class RunSection:
     )
     attention: str = _f(
         "auto",
-        "attention kernel: fused (scaled_dot_product_attention) or math (explicit matmuls); "
-        "auto: the faster, measured on CPU; fused on CUDA",
-        choices=("auto", "fused", "math"),
+        "attention kernel: fused (scaled_dot_product_attention), math (explicit matmuls) or cpp "
+        "(deitctl's C++ kernel for short sequences, fp32 on CPU, built at first use); "
+        "auto: the fastest, measured on CPU; fused on CUDA",
+        choices=("auto", "fused", "math", "cpp"),
     )
     gelu_backward: str = _f(
         "auto",

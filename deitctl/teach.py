@@ -186,7 +186,14 @@ def _speed(
         d = recipe.data
         batch = (d.batch_size, 3, d.img_size, d.img_size)
         tuning = resolve_speed(
-            recipe.run, device, student, teacher, batch=batch, num_classes=num_classes, total_steps=total_steps
+            recipe.run,
+            device,
+            student,
+            teacher,
+            batch=batch,
+            num_classes=num_classes,
+            total_steps=total_steps,
+            source=recipe.source,
         )
         log(tuning.summary())
     return broadcast(tuning).speed

@@ -93,6 +93,7 @@ class Trainer:
                 p.teacher,
                 fixed_precision=fixed,
                 log=self.reporter.log,
+                source=r.source,
                 **shape,  # type: ignore[arg-type]
             )
         self.tuning: Tuning = broadcast(tuning)

@@ -243,6 +243,7 @@ def measure_candidates(
         replace(first, precision=p, attention=a, compile=False)
         for p in options["precision"]
         for a in options["attention"]
+        if not (a == "cpp" and p != "fp32")  # the kernel is fp32 only; otherwise it is math
     ]
     contenders = eager
     for _ in range(rounds):  # rounds interleave the candidates, so a slow spell hits them all
@@ -358,6 +359,29 @@ def store_rows(key: str, rows: list[dict[str, Any]], about: dict[str, Any]) -> N
 # ---------------------------------------------------------------- the entry point
 
 
+def _check_kernel(
+    run: Any, options: dict[str, list[Any]], log: Callable[[str], None] | None, source: str | None = None
+) -> None:
+    """deitctl's C++ attention kernel: a candidate of ``auto`` where it builds (said in the
+    log where it does not); a recipe that names it where it cannot build is an error."""
+    from deitctl.attention_kernel import unavailable
+    from deitctl.errors import RecipeError
+
+    reason = unavailable()
+    if run.attention == "cpp" and reason:
+        raise RecipeError(
+            f"attention = 'cpp': deitctl's C++ attention kernel cannot be built here ({reason})",
+            source=source,
+            key="run.attention",
+        )
+    if run.attention == "auto":
+        if reason:
+            if log:
+                log(f"  attention 'cpp' left out: the kernel cannot be built here ({reason})")
+        else:
+            options["attention"].append("cpp")
+
+
 def resolve_speed(
     run: Any,
     device: torch.device,
@@ -370,14 +394,18 @@ def resolve_speed(
     fixed_precision: str = "",
     retune: bool = False,
     log: Callable[[str], None] | None = None,
+    source: str | None = None,
 ) -> Tuning:
     """The run's speed settings: the recipe's own where it fixes them; for ``"auto"``, a
     rule on CUDA and the fastest measured candidate on CPU (cached; ``retune``: measure
-    again). ``fixed_precision``: a precision already decided (a teacher cache's)."""
+    again). ``fixed_precision``: a precision already decided (a teacher cache's); ``source``:
+    the recipe's file, for messages."""
     convs = teacher is not None and any(isinstance(m, nn.Conv2d) for m in teacher.modules())
     models = [m for m in (student, teacher) if m is not None]
     attention = any(isinstance(getattr(m, "fused_attn", None), bool) for model in models for m in model.modules())
     options = candidates(run, has_teacher_convs=convs, has_attention=attention, fixed_precision=fixed_precision)
+    if device.type == "cpu" and attention and run.attention in ("cpp", "auto"):
+        _check_kernel(run, options, log, source)
     if all(len(v) == 1 for v in options.values()):
         return Tuning(Speed(*(options[k][0] for k in KEYS)), "fixed", [])
     if device.type == "cuda":

@@ -43,6 +43,7 @@ LAYERS: dict[str, set[str]] = {
         "runtime",
         "activations",
         "attention",
+        "attention_kernel",
         "checkpoint",
         "distributed",
         "rng",
