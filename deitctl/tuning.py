@@ -404,7 +404,7 @@ def resolve_speed(
     models = [m for m in (student, teacher) if m is not None]
     attention = any(isinstance(getattr(m, "fused_attn", None), bool) for model in models for m in model.modules())
     options = candidates(run, has_teacher_convs=convs, has_attention=attention, fixed_precision=fixed_precision)
-    if device.type == "cpu" and attention and run.attention in ("cpp", "auto"):
+    if device.type == "cpu" and attention and run.attention in ("cpp", "auto") and "fp32" in options["precision"]:
         _check_kernel(run, options, log, source)
     if all(len(v) == 1 for v in options.values()):
         return Tuning(Speed(*(options[k][0] for k in KEYS)), "fixed", [])
