@@ -27,6 +27,7 @@ from deitctl.tuning import (
     cache_dir,
     candidates,
     decide,
+    measure_candidates,
     resolve_speed,
 )
 
@@ -100,6 +101,37 @@ def test_compile_is_chosen_only_when_it_pays_back_over_the_run():
 
 
 # --------------------------------------------------------------------------- measuring
+
+
+class _SlowSpell:
+    """A timer whose machine runs 10 % slow during the measurements numbered in `slow`
+    (from 1): eager steps take 1.0 s, compiled ones 0.95 s."""
+
+    def __init__(self, slow: set[int]) -> None:
+        self.calls: list[Speed] = []
+        self.slow = slow
+
+    def measure(self, s: Speed) -> tuple[float, float]:
+        self.calls.append(s)
+        step = (0.95 if s.compile else 1.0) * (1.1 if len(self.calls) in self.slow else 1.0)
+        return step, 5.0 if s.compile else 0.0
+
+
+def test_the_fastest_compiled_setting_is_timed_again_beside_the_eager_one():
+    options = candidates(_run(compile="auto"), has_teacher_convs=False)
+    eager, compiled = Speed(), Speed(compile=True)
+    # eager timed twice (two rounds), then the compiled step in a slow spell: 1.045 s, slower
+    timer = _SlowSpell(slow={3})
+    rows = measure_candidates(timer, options)  # type: ignore[arg-type]
+    assert timer.calls == [eager, eager, compiled, eager, compiled]
+    # timed again outside the spell, its 5 % gain decides
+    assert {(r["compile"], r["step_s"]) for r in rows} == {(False, 1.0), (True, 0.95)}
+    assert decide(rows, total_steps=1000) == compiled
+    # a compiled step far slower than the eager one is not timed again
+    slow = _SlowSpell(slow={3})
+    slow.measure = lambda s: (slow.calls.append(s), (2.0 if s.compile else 1.0, 0.0))[1]  # type: ignore[method-assign]
+    measure_candidates(slow, options)  # type: ignore[arg-type]
+    assert slow.calls == [eager, eager, compiled]
 
 
 def test_measured_once_then_cached_and_the_models_and_rng_untouched(tmp_path, monkeypatch):
