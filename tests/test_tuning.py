@@ -132,6 +132,11 @@ def test_the_fastest_compiled_setting_is_timed_again_beside_the_eager_one():
     rows = measure_candidates(lucky, options)  # type: ignore[arg-type]
     assert {(r["compile"], round(r["step_s"], 3)) for r in rows} == {(False, 1.1), (True, 1.045)}
     assert decide(rows, total_steps=1000) == compiled
+    # compiled settings within 3 % of each other are both timed again (GELU's backward here)
+    both = _SlowSpell(slow=set())
+    rows = measure_candidates(both, candidates(_run(compile="auto", gelu_backward="auto"), has_teacher_convs=False))  # type: ignore[arg-type]
+    saved = Speed(compile=True, gelu_backward="saved")
+    assert both.calls == [eager, eager, compiled, saved, eager, compiled, saved]
     # a compiled step far slower than the eager one is not timed again
     slow = _SlowSpell(slow={3})
     slow.measure = lambda s, steps=3: (slow.calls.append(s), (2.0 if s.compile else 1.0, 0.0))[1]  # type: ignore[method-assign]
