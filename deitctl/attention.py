@@ -80,18 +80,9 @@ def _kernel_forward(self: Any, x: torch.Tensor, attn_mask: Any = None, is_causal
     :func:`_explicit_forward`."""
     from deitctl.attention_kernel import applies, kernel_attention
 
-    if attn_mask is not None or is_causal:
-        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    qkv = self.qkv(x)
-    if applies(qkv):
-        out = kernel_attention(qkv, self.num_heads, self.scale)
-    elif torch.compiler.is_compiling():  # timm's explicit path, as plain ops
-        batch, tokens, _ = qkv.shape
-        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(batch, tokens, -1)
-    else:
-        out = explicit_attention(qkv, self.num_heads, self.scale)
+    if attn_mask is not None or is_causal or not applies(x):
+        return _explicit_forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    out = kernel_attention(self.qkv(x), self.num_heads, self.scale)
     return self.proj_drop(self.proj(self.norm(out)))
 
 

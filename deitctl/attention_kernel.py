@@ -97,9 +97,10 @@ def _backward(ctx: Any, grad: Tensor, _probs_grad: Tensor | None) -> tuple[Tenso
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def applies(qkv: Tensor) -> bool:
-    """Whether the kernel runs on ``qkv`` (fp32, CPU); else callers take the explicit path."""
-    return qkv.device.type == "cpu" and qkv.dtype == torch.float32 and qkv.dim() == 3
+def applies(x: Tensor) -> bool:
+    """Whether the kernel runs on a block's input ``x``: fp32 on the CPU, outside CPU
+    autocast (so its ``qkv`` projection is fp32 too); else callers take the explicit path."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
 
 def kernel_attention(qkv: Tensor, heads: int, scale: float) -> Tensor:
