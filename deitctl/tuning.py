@@ -9,8 +9,8 @@ for each candidate, as cuDNN's benchmark mode does, and keeps the fastest:
    memory format on the fastest;
 2. compiled (``torch.compile``): the fastest eager setting (and the next, when within
    :data:`SECOND` of it), with each GELU backward; the fastest eager setting and the
-   compiled ones within :data:`MARGIN` of the fastest are then timed once more side by
-   side, over twice the steps, and these timings decide. A compiled setting is
+   compiled ones within :data:`MARGIN` of the fastest are then timed once more, their
+   steps taken in turn over twice the steps, and these timings decide. A compiled setting is
    chosen only when the measured gain over the run's remaining steps pays back the compile
    time measured here; of those that do, the one that ends the run first.
 
@@ -18,7 +18,7 @@ A setting other than the recipe's baseline (fp32, fused attention, no compile) m
 :data:`MARGIN` faster to be chosen, so timing noise never trades fp32 for bf16. On CUDA a
 rule decides (bf16 where the GPU has it; compile for runs of :data:`CUDA_COMPILE_STEPS`
 steps or more). The figures are cached per (device model, torch version, threads, models,
-batch shape) in :func:`cache_dir`, so the next run starts at once; under DDP rank 0
+batch shape) by :mod:`deitctl.speed_cache`, so the next run starts at once; under DDP rank 0
 decides and broadcasts. The timed steps run on copies, under a forked RNG: the run's
 models, optimizer and random streams are untouched.
 """
@@ -26,14 +26,10 @@ models, optimizer and random streams are untouched.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +39,7 @@ from torch import nn
 from deitctl.compiler import compile_module
 from deitctl.machine import device_name, synchronize
 from deitctl.runtime import autocast_factory, set_attention
+from deitctl.speed_cache import cache_file, cache_key, cached_rows, store_rows
 
 MARGIN = 0.03  # a non-baseline setting must be this much faster
 AGAIN = 0.20  # after the first round, only candidates this close to the fastest are timed again
@@ -173,7 +170,7 @@ class StepTimer:
         self.images = torch.randn(batch, generator=g).to(device)
         self.targets = torch.randint(0, num_classes, (batch[0],), generator=g).to(device)
 
-    def _models(self, s: Speed) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+    def _models(self, s: Speed, *, reset: bool = True) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
         from deitctl.activations import save_gelu_derivative
 
         student = copy.deepcopy(self.student).to(self.device).train()
@@ -189,7 +186,8 @@ class StepTimer:
             if s.channels_last:
                 teacher = teacher.to(memory_format=torch.channels_last)
         if s.compile:
-            torch._dynamo.reset()
+            if reset:
+                torch._dynamo.reset()
             return compile_module(student), compile_module(teacher) if teacher is not None else None
         return student, teacher
 
@@ -221,6 +219,25 @@ class StepTimer:
         step = statistics.median(times)
         return step, max(0.0, first - step) if s.compile else 0.0
 
+    def alternate(self, speeds: list[Speed], *, steps: int = 2 * STEPS) -> list[float]:
+        """Seconds per step of each setting, their steps taken in turn (the order rotating
+        every round), so that a slow spell of the machine falls on all alike: the first
+        setting's median, and the others' as their median ratio to it, round by round."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch._dynamo.reset()
+            models = [self._models(s, reset=False) for s in speeds]
+            for s, m in zip(speeds, models, strict=True):
+                for _ in range(WARMUP + (1 if s.compile else 0)):
+                    self._step(s, *m)
+            times: list[list[float]] = [[] for _ in speeds]
+            for i in range(steps):
+                for j in ((i + k) % len(speeds) for k in range(len(speeds))):
+                    times[j].append(self._step(speeds[j], *models[j]))
+        # each setting against the first, step by step: a slow spell that starts between two
+        # rounds falls on both steps of a pair alike
+        first = times[0]
+        return [statistics.median(first) * statistics.median(t / f for t, f in zip(ts, first)) for ts in times]
+
 
 def _faster(row: dict[str, Any], best: dict[str, Any]) -> bool:
     return row["step_s"] < best["step_s"] * (1 - MARGIN)
@@ -232,10 +249,10 @@ def measure_candidates(
     """The table of candidates (eager grid, memory format, compiled), each timed."""
     rows: dict[Speed, dict[str, Any]] = {}
 
-    def run(s: Speed, *, side_by_side: bool = False) -> dict[str, Any]:
-        step, compile_s = timer.measure(s, steps=2 * STEPS) if side_by_side else timer.measure(s)
+    def run(s: Speed) -> dict[str, Any]:
+        step, compile_s = timer.measure(s)
         row = rows.setdefault(s, {**asdict(s), "step_s": step, "compile_s": compile_s})
-        row["step_s"] = step if side_by_side else min(row["step_s"], step)
+        row["step_s"] = min(row["step_s"], step)
         if log:
             log(f"  {format_row(row)}")
         return row
@@ -265,14 +282,16 @@ def measure_candidates(
             for gelu in options["gelu_backward"]:
                 run(replace(base, gelu_backward=gelu))
         # a compiled step often gains only a few per cent on a CPU: the fastest eager setting
-        # and the compiled ones within MARGIN of the fastest are timed again, one after the
-        # other and over twice the steps, and these timings decide (a slow spell of the
-        # machine during one earlier timing, or the minimum over more timings of one, does not)
+        # and the compiled ones within MARGIN of the fastest are timed again, their steps in
+        # turn, and these timings decide (a slow spell of the machine during one earlier
+        # timing, or the minimum over more timings of one, does not)
         compiled = sorted((r for r in rows.values() if r["compile"]), key=lambda r: r["step_s"])
         if compiled[0]["step_s"] <= best["step_s"] * (1 + AGAIN):
-            run(_speed(best), side_by_side=True)
-            for r in [r for r in compiled if r["step_s"] <= compiled[0]["step_s"] * (1 + MARGIN)]:
-                run(_speed(r), side_by_side=True)
+            again = [best] + [r for r in compiled if r["step_s"] <= compiled[0]["step_s"] * (1 + MARGIN)]
+            for row, step in zip(again, timer.alternate([_speed(r) for r in again]), strict=True):
+                row["step_s"] = step
+                if log:
+                    log(f"  {format_row(row)} (in turn)")
     return list(rows.values())
 
 
@@ -305,73 +324,6 @@ def decide(rows: list[dict[str, Any]], total_steps: int, *, must_compile: bool =
     if same and run_s(best) >= run_s(same[0]) * (1 - MARGIN):
         best = same[0]
     return _speed(best)
-
-
-# ---------------------------------------------------------------- the cache
-
-
-def cache_dir() -> Path:
-    """``DEITCTL_CACHE_DIR``, else ``$XDG_CACHE_HOME/deitctl``, else ``~/.cache/deitctl``."""
-    if env := os.environ.get("DEITCTL_CACHE_DIR"):
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deitctl"
-
-
-def _signature(model: nn.Module | None) -> str:
-    if model is None:
-        return "none"
-    params = sum(p.numel() for p in model.parameters())
-    return f"{type(model).__name__}:{params}:{hashlib.sha256(repr(model).encode()).hexdigest()[:16]}"
-
-
-# raise it when a candidate's kernels change, so that measurements cached with the old
-# kernels are taken again
-KERNELS_REVISION = 3
-
-
-def cache_key(timer: StepTimer, options: dict[str, list[Any]]) -> str:
-    fields = {
-        "kernels": KERNELS_REVISION,
-        "device": device_name(timer.device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "student": _signature(timer.student),
-        "teacher": _signature(timer.teacher),
-        "batch": list(timer.images.shape),
-        "options": {k: [str(v) for v in vs] for k, vs in options.items()},
-    }
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _cache_file() -> Path:
-    return cache_dir() / "speed.json"
-
-
-def cached_rows(key: str) -> list[dict[str, Any]] | None:
-    try:
-        entry = json.loads(_cache_file().read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return entry.get("rows") if isinstance(entry, dict) else None
-
-
-def store_rows(key: str, rows: list[dict[str, Any]], about: dict[str, Any]) -> None:
-    """Add an entry to the cache file (atomically; a cache that cannot be written is skipped)."""
-    path = _cache_file()
-    try:
-        entries = json.loads(path.read_text()) if path.is_file() else {}
-        if not isinstance(entries, dict):
-            entries = {}
-    except (OSError, ValueError):
-        entries = {}
-    entries[key] = {"rows": rows, **about}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------- the entry point
@@ -429,13 +381,13 @@ def resolve_speed(
     if device.type == "cuda":
         return Tuning(cuda_rule(options, total_steps), "rule", [])
     timer = StepTimer(student, teacher, batch, num_classes, device)
-    key = cache_key(timer, options)
+    key = cache_key(device, student, teacher, batch, options)
     rows = None if retune else cached_rows(key)
     must_compile = options["compile"] == [True]
     if rows is not None:
         return Tuning(decide(rows, total_steps, must_compile=must_compile), "cached", rows)
     if log:
-        log(f"measuring the speed settings left to auto (once; kept in {_cache_file()}):")
+        log(f"measuring the speed settings left to auto (once; kept in {cache_file()}):")
     started = time.perf_counter()
     rows = measure_candidates(timer, options, log=log)
     seconds = time.perf_counter() - started

@@ -58,6 +58,7 @@ LAYERS: dict[str, set[str]] = {
         "pack",
         "cifar10",
         "tuning",
+        "speed_cache",
         "machine",
         "compiler",
     },

@@ -18,13 +18,13 @@ from conftest import ROOT, cli
 
 from deitctl.machine import flops_per_image, machine_info
 from deitctl.runtime import set_attention
+from deitctl.speed_cache import cache_dir
 from deitctl.tuning import (
     KEYS,
     Speed,
     StepTimer,
     Tuning,
     broadcast,
-    cache_dir,
     candidates,
     decide,
     measure_candidates,
@@ -121,44 +121,68 @@ def test_among_compiled_settings_that_pay_back_the_fastest_wins():
 # --------------------------------------------------------------------------- measuring
 
 
-class _SlowSpell:
-    """A timer whose machine runs 10 % slow during the measurements numbered in `slow`
-    (from 1): eager steps take 1.0 s, compiled ones `compiled_s` (0.95 s)."""
+class _Machine(StepTimer):
+    """Steps on a simulated machine with a clock: eager 1.0 s, compiled `compiled_s` (a
+    compiled model's first step 5 s more), all 10 % slower while the clock is in `slow`."""
 
-    def __init__(self, slow: set[int], compiled_s: float = 0.95) -> None:
-        self.calls: list[Speed] = []
-        self.slow, self.compiled_s = slow, compiled_s
+    def __init__(self, slow: tuple[float, float] = (0.0, 0.0), compiled_s: float = 0.95) -> None:
+        self.device, self.slow, self.compiled_s, self.now = CPU, slow, compiled_s, 0.0
+        self.built: list[Speed] = []  # the models built, in order
 
-    def measure(self, s: Speed, steps: int = 3) -> tuple[float, float]:
-        self.calls.append(s)
-        step = (self.compiled_s if s.compile else 1.0) * (1.1 if len(self.calls) in self.slow else 1.0)
-        return step, 5.0 if s.compile else 0.0
+    def _models(self, s: Speed, *, reset: bool = True):
+        self.built.append(s)
+        return [len(self.built)], None  # the model: a list that remembers whether it ran
+
+    def _step(self, s: Speed, student, teacher) -> float:
+        step = (self.compiled_s if s.compile else 1.0) * (1.1 if self.slow[0] <= self.now < self.slow[1] else 1.0)
+        if s.compile and student[-1] != "ran":
+            step += 5.0
+        student.append("ran")
+        self.now += step
+        return step
 
 
-def test_the_fastest_compiled_setting_is_timed_again_beside_the_eager_one():
+def test_the_fastest_compiled_setting_is_timed_again_in_turn_with_the_eager_one():
     options = candidates(_run(compile="auto"), has_teacher_convs=False)
     eager, compiled = Speed(), Speed(compile=True)
-    # eager timed twice (two rounds), then the compiled step in a slow spell: 1.045 s, slower
-    timer = _SlowSpell(slow={3})
-    rows = measure_candidates(timer, options)  # type: ignore[arg-type]
-    assert timer.calls == [eager, eager, compiled, eager, compiled]
-    # timed again outside the spell, its 5 % gain decides
-    assert {(r["compile"], r["step_s"]) for r in rows} == {(False, 1.0), (True, 0.95)}
+    # eager timed twice (two rounds, 0-8 s), then the compiled step in a slow spell: 1.045 s
+    timer = _Machine(slow=(8, 17))
+    rows = measure_candidates(timer, options)
+    assert timer.built == [eager, eager, compiled, eager, compiled]
+    # timed again in turn outside the spell, its 5 % gain decides
+    assert {(r["compile"], round(r["step_s"], 3)) for r in rows} == {(False, 1.0), (True, 0.95)}
     assert decide(rows, total_steps=1000) == compiled
-    # the side-by-side timings decide, not the minimum over more timings of the eager step
-    lucky = _SlowSpell(slow={4, 5})  # both retimed in a slow spell: 1.1 and 1.045
-    rows = measure_candidates(lucky, options)  # type: ignore[arg-type]
+    # a spell over the second timing falls on both settings (one after the other, it fell on
+    # the compiled one's steps alone, and eager was chosen)
+    late = _Machine(slow=(25, 60))
+    rows = measure_candidates(late, options)
     assert {(r["compile"], round(r["step_s"], 3)) for r in rows} == {(False, 1.1), (True, 1.045)}
     assert decide(rows, total_steps=1000) == compiled
+    # a spell that starts within the rounds: each compiled step against the eager one beside it
+    rows = measure_candidates(_Machine(slow=(30, 60)), options)
+    assert decide(rows, total_steps=1000) == compiled
     # compiled settings within 3 % of each other are both timed again (GELU's backward here)
-    both = _SlowSpell(slow=set())
-    rows = measure_candidates(both, candidates(_run(compile="auto", gelu_backward="auto"), has_teacher_convs=False))  # type: ignore[arg-type]
+    both = _Machine()
+    rows = measure_candidates(both, candidates(_run(compile="auto", gelu_backward="auto"), has_teacher_convs=False))
     saved = Speed(compile=True, gelu_backward="saved")
-    assert both.calls == [eager, eager, compiled, saved, eager, compiled, saved]
+    assert both.built == [eager, eager, compiled, saved, eager, compiled, saved]
     # a compiled step far slower than the eager one is not timed again
-    slow = _SlowSpell(slow=set(), compiled_s=2.0)
-    measure_candidates(slow, options)  # type: ignore[arg-type]
-    assert slow.calls == [eager, eager, compiled]
+    slow = _Machine(compiled_s=2.0)
+    measure_candidates(slow, options)
+    assert slow.built == [eager, eager, compiled]
+
+
+def test_settings_timed_in_turn_run_their_own_models():
+    student, teacher = _models()
+    timer = StepTimer(student, teacher, (4, 3, 32, 32), 10, CPU)
+    ran: list[str] = []
+    student.register_forward_pre_hook(lambda m, _: ran.append("fused" if m.blocks[0].attn.fused_attn else "math"))
+    speeds = [Speed(), Speed(attention="math")]
+    times = timer.alternate(speeds, steps=2)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    # one warm-up step each, then two rounds, the order rotated
+    assert ran == ["fused", "math", "fused", "math", "math", "fused"]
+    assert all(p.grad is None for p in student.parameters())  # on copies
 
 
 def test_measured_once_then_cached_and_the_models_and_rng_untouched(tmp_path, monkeypatch):
