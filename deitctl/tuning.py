@@ -208,14 +208,23 @@ class StepTimer:
         synchronize(self.device)
         return time.perf_counter() - t0
 
+    def _forked_rng(self) -> Any:
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
+    def _warm_up(self, s: Speed, models: tuple[Any, Any], warmup: int = WARMUP) -> float:
+        """``warmup`` steps, one more for a compiled model (its first step compiles); returns
+        the first step's seconds."""
+        first = self._step(s, *models)
+        for _ in range(max(0, warmup - 1) + (1 if s.compile else 0)):
+            self._step(s, *models)
+        return first
+
     def measure(self, s: Speed, *, warmup: int = WARMUP, steps: int = STEPS) -> tuple[float, float]:
         """Median seconds per step, and the first step's extra time (compiling)."""
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            student, teacher = self._models(s)
-            first = self._step(s, student, teacher)
-            for _ in range(max(0, warmup - 1) + (1 if s.compile else 0)):
-                self._step(s, student, teacher)
-            times = [self._step(s, student, teacher) for _ in range(steps)]
+        with self._forked_rng():
+            models = self._models(s)
+            first = self._warm_up(s, models, warmup)
+            times = [self._step(s, *models) for _ in range(steps)]
         step = statistics.median(times)
         return step, max(0.0, first - step) if s.compile else 0.0
 
@@ -223,12 +232,11 @@ class StepTimer:
         """Seconds per step of each setting, their steps taken in turn (the order rotating
         every round), so that a slow spell of the machine falls on all alike: the first
         setting's median, and the others' as their median ratio to it, round by round."""
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with self._forked_rng():
             torch._dynamo.reset()
             models = [self._models(s, reset=False) for s in speeds]
             for s, m in zip(speeds, models, strict=True):
-                for _ in range(WARMUP + (1 if s.compile else 0)):
-                    self._step(s, *m)
+                self._warm_up(s, m)
             times: list[list[float]] = [[] for _ in speeds]
             for i in range(steps):
                 for j in ((i + k) % len(speeds) for k in range(len(speeds))):
@@ -380,12 +388,12 @@ def resolve_speed(
         return Tuning(Speed(*(options[k][0] for k in KEYS)), "fixed", [])
     if device.type == "cuda":
         return Tuning(cuda_rule(options, total_steps), "rule", [])
-    timer = StepTimer(student, teacher, batch, num_classes, device)
     key = cache_key(device, student, teacher, batch, options)
     rows = None if retune else cached_rows(key)
     must_compile = options["compile"] == [True]
     if rows is not None:
         return Tuning(decide(rows, total_steps, must_compile=must_compile), "cached", rows)
+    timer = StepTimer(student, teacher, batch, num_classes, device)
     if log:
         log(f"measuring the speed settings left to auto (once; kept in {cache_file()}):")
     started = time.perf_counter()
