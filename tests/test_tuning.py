@@ -152,8 +152,8 @@ def test_the_fastest_compiled_setting_is_timed_again_in_turn_with_the_eager_one(
     # timed again in turn outside the spell, its 5 % gain decides
     assert {(r["compile"], round(r["step_s"], 3)) for r in rows} == {(False, 1.0), (True, 0.95)}
     assert decide(rows, total_steps=1000) == compiled
-    # a spell over the second timing falls on both settings (one after the other, it fell on
-    # the compiled one's steps alone, and eager was chosen)
+    # a spell over the second timing falls on both settings (timed one after the other, it
+    # would fall on the compiled one's steps alone, and eager would be chosen)
     late = _Machine(slow=(25, 60))
     rows = measure_candidates(late, options)
     assert {(r["compile"], round(r["step_s"], 3)) for r in rows} == {(False, 1.1), (True, 1.045)}
