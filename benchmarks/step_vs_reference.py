@@ -34,6 +34,8 @@ speed key set explicitly) and ``auto``:
   loop_adamw         optimizer.implementation = "loop" (the reference's AdamW)
   compile_plain      compile as PyTorch alone does it: without deitctl's graph pass
                      (deitctl/compiler.py), to measure that pass against compile
+  compile_sums       compile with the pass's column-sum rewrite alone, to measure its
+                     bias-add and weight-gradient rewrites against compile
 
 Shapes (``--shape``; the flags below change single dimensions):
 
@@ -72,7 +74,7 @@ from torch import nn
 from alternate import Runner, Step, alternate, local_runner, median_step_s, remote_runner, speed_ratios
 
 FIXED = ("deitctl", "fp32_math", "bf16", "bf16_fused_attn", "channels_last", "compile", "best_eager", "best")
-ALL_VARIANTS = (*FIXED, "auto", "teacher_bf16", "loop_adamw", "compile_plain")
+ALL_VARIANTS = (*FIXED, "auto", "teacher_bf16", "loop_adamw", "compile_plain", "compile_sums")
 DEFAULT_VARIANTS = (*FIXED, "auto")
 EAGER_BEST = ("bf16", "channels_last")
 TWEAKS = {
@@ -85,6 +87,7 @@ TWEAKS = {
     "loop_adamw": ("loop_adamw",),
     "compile": ("compile",),
     "compile_plain": ("compile", "plain_compile"),
+    "compile_sums": ("compile", "sums_compile"),
     "best_eager": (*EAGER_BEST, "math"),
     "best": (*EAGER_BEST, "math", "compile"),
     "auto": ("auto",),
@@ -281,11 +284,15 @@ def build_deitctl(args: argparse.Namespace, tweaks: tuple[str, ...], output_dir:
     recipe = recipe_from_text(recipe_text(args, output_dir), "<step_vs_reference>", overrides)
     from deitctl import compiler
 
-    compiler.GRAPH_PASSES = "plain_compile" not in tweaks  # read when the Trainer compiles
+    every_pass = compiler.GRAPH_PASSES
+    if "plain_compile" in tweaks:  # read when the Trainer compiles
+        compiler.GRAPH_PASSES = ()
+    elif "sums_compile" in tweaks:
+        compiler.GRAPH_PASSES = ("column_sums",)
     try:
         trainer = Trainer(recipe)
     finally:
-        compiler.GRAPH_PASSES = True
+        compiler.GRAPH_PASSES = every_pass
     if "auto" in tweaks and (path := os.environ.get("STEP_VS_REFERENCE_AUTO")):
         tuning = trainer.tuning
         with open(path, "w", encoding="utf-8") as f:

@@ -1,5 +1,6 @@
-"""``run.compile``'s graph pass: CPU column sums become a product with a row of ones, which
-changes float rounding only."""
+"""``run.compile``'s graph pass: CPU column sums become a product with a row of ones, bias
+adds move into the element-wise kernel after the product, and wide weight gradients are
+computed transposed; each changes float rounding only."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from deitctl import compiler
-from deitctl.compiler import compile_module, rewrite_column_sums
+from deitctl.compiler import compile_module, rewrite_bias_adds, rewrite_column_sums, rewrite_weight_gradients
 
 aten = torch.ops.aten
 
@@ -49,6 +50,65 @@ def test_sums_over_leading_dims_become_a_product_and_the_others_stay():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
+def _calls(graph: torch.fx.Graph, target) -> int:
+    return sum(n.target is target for n in graph.nodes)
+
+
+def test_bias_adds_with_element_wise_users_become_a_product_then_an_add():
+    def f(x, w, b, few):
+        hidden = torch.addmm(b, x, w)
+        return (
+            torch.nn.functional.gelu(hidden) + 1.0,  # element-wise users only: rewritten
+            torch.addmm(b, x, w),  # a graph output: stays
+            torch.addmm(b, few, w).relu(),  # 64 rows: stays
+        )
+
+    g = torch.Generator().manual_seed(0)
+    inputs = (
+        torch.randn(528, 48, generator=g),
+        torch.randn(48, 96, generator=g),
+        torch.randn(96, generator=g),
+        torch.randn(64, 48, generator=g),
+    )
+    module = make_fx(f, tracing_mode="fake")(*inputs)
+    assert _calls(module.graph, aten.addmm.default) == 3
+
+    assert rewrite_bias_adds(module.graph) == 1
+    module.recompile()
+
+    assert _calls(module.graph, aten.addmm.default) == 2
+    assert _calls(module.graph, aten.mm.default) == 1
+    for got, want in zip(module(*inputs), f(*inputs), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_wide_weight_gradients_are_computed_transposed_and_the_others_stay():
+    def f(g_wide, x, g_narrow, few):
+        return (
+            torch.mm(g_wide.permute(1, 0), x),  # 192 outputs from 48 inputs (qkv, fc1): rewritten
+            torch.mm(g_narrow.permute(1, 0), x),  # 16 outputs from 48 inputs (fc2, proj): stays
+            torch.mm(few.permute(1, 0), few),  # 64 rows: stays
+        )
+
+    g = torch.Generator().manual_seed(0)
+    inputs = (
+        torch.randn(528, 192, generator=g),
+        torch.randn(528, 48, generator=g),
+        torch.randn(528, 16, generator=g),
+        torch.randn(64, 96, generator=g),
+    )
+    module = make_fx(f, tracing_mode="fake")(*inputs)
+
+    assert rewrite_weight_gradients(module.graph) == 1
+    module.recompile()
+
+    products = [n for n in module.graph.nodes if n.target is aten.mm.default]
+    assert [tuple(n.meta["val"].shape) for n in products] == [(48, 192), (16, 48), (96, 96)]
+    for got, want in zip(module(*inputs), f(*inputs), strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 def _tiny_deit() -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model(
@@ -71,7 +131,7 @@ def test_a_compiled_deit_step_has_the_eager_gradients_and_the_pass_ran():
     model.set_distilled_training(True)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
-    before = compiler.ColumnSumsAsMatmul.rewritten
+    before = compiler.CpuTrainingPass.rewritten.copy()
     torch._dynamo.reset()
     uncached = (  # so that the pass runs here, not a cached graph from an earlier run
         torch._inductor.config.patch(fx_graph_cache=False),
@@ -81,8 +141,14 @@ def test_a_compiled_deit_step_has_the_eager_gradients_and_the_pass_ran():
         compiled = _grads(model, compile_module(model), x, y)
     with torch.random.fork_rng():
         eager = _grads(model, model, x, y)
+    rewritten = compiler.CpuTrainingPass.rewritten - before
     # every linear layer's bias and both layer norms' parameters in each block, and the final norm
-    assert compiler.ColumnSumsAsMatmul.rewritten - before >= 2 * (4 + 4) + 2
+    assert rewritten["column_sums"] >= 2 * (4 + 4) + 2
+    # proj and fc2 in each block (qkv feeds attention, and fc1's output is also saved for
+    # GELU's backward: neither has element-wise users only)
+    assert rewritten["bias_adds"] == 2 * 2
+    # qkv (192 from 64) and fc1 (256 from 64) in each block
+    assert rewritten["weight_gradients"] == 2 * 2
     assert compiled.keys() == eager.keys()
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
