@@ -50,6 +50,24 @@ def _value(node: Any) -> torch.Tensor | None:
     return value
 
 
+def _replace_each(
+    graph: fx.Graph, match: Callable[[fx.Node], Any], build: Callable[[fx.Graph, fx.Node, Any], fx.Node]
+) -> int:
+    """Replace every node that ``match`` finds (anything but None) by the node ``build``
+    inserts before it from what was found; returns how many."""
+    count = 0
+    for node in list(graph.nodes):
+        found = match(node)
+        if found is None:
+            continue
+        with graph.inserting_before(node):
+            result = build(graph, node, found)
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
 def _column_sum(node: fx.Node) -> tuple[int, int] | None:
     """(rows, columns) when ``node`` sums a contiguous fp32 CPU tensor over its leading
     dimensions, keeping at least one; else None."""
@@ -67,68 +85,59 @@ def _column_sum(node: fx.Node) -> tuple[int, int] | None:
     return (rows, columns) if rows >= MIN_ROWS else None
 
 
+def _sum_as_product(graph: fx.Graph, node: fx.Node, shape: tuple[int, int]) -> fx.Node:
+    rows, columns = shape
+    source = node.args[0]
+    assert isinstance(source, fx.Node)
+    value = source.meta["val"]
+    flat = graph.call_function(aten.view.default, (source, [rows, columns]))
+    ones = graph.call_function(
+        aten.full.default,
+        ([1, rows], 1.0),
+        {"dtype": torch.float32, "device": value.device, "pin_memory": False},
+    )
+    product = graph.call_function(aten.mm.default, (ones, flat))
+    result = graph.call_function(aten.view.default, (product, list(node.meta["val"].shape)))
+    fake_mode = getattr(value, "fake_mode", None)
+    if fake_mode is not None:  # shapes for the nodes after, as inductor's own passes keep them
+        with fake_mode:
+            flat.meta["val"] = value.view(rows, columns)
+            ones.meta["val"] = torch.ones(1, rows, dtype=torch.float32, device=value.device)
+            product.meta["val"] = ones.meta["val"] @ flat.meta["val"]
+            result.meta["val"] = product.meta["val"].view(node.meta["val"].shape)
+    return result
+
+
 def rewrite_column_sums(graph: fx.Graph) -> int:
     """Replace each column sum (see :func:`_column_sum`) in ``graph`` by a product with a
     row of ones; returns how many."""
-    count = 0
-    for node in list(graph.nodes):
-        shape = _column_sum(node)
-        if shape is None:
-            continue
-        rows, columns = shape
-        source = node.args[0]
-        assert isinstance(source, fx.Node)
-        value = source.meta["val"]
-        with graph.inserting_before(node):
-            flat = graph.call_function(aten.view.default, (source, [rows, columns]))
-            ones = graph.call_function(
-                aten.full.default,
-                ([1, rows], 1.0),
-                {"dtype": torch.float32, "device": value.device, "pin_memory": False},
-            )
-            product = graph.call_function(aten.mm.default, (ones, flat))
-            result = graph.call_function(aten.view.default, (product, list(node.meta["val"].shape)))
-        fake_mode = getattr(value, "fake_mode", None)
-        if fake_mode is not None:  # shapes for the nodes after, as inductor's own passes keep them
-            with fake_mode:
-                flat.meta["val"] = value.view(rows, columns)
-                ones.meta["val"] = torch.ones(1, rows, dtype=torch.float32, device=value.device)
-                product.meta["val"] = ones.meta["val"] @ flat.meta["val"]
-                result.meta["val"] = product.meta["val"].view(node.meta["val"].shape)
-        node.replace_all_uses_with(result)
-        graph.erase_node(node)
-        count += 1
-    return count
+    return _replace_each(graph, _column_sum, _sum_as_product)
 
 
-def _bias_add(node: fx.Node) -> bool:
-    """Whether ``node`` is ``addmm(bias, x, w)`` on fp32 CPU tensors, with a 1-D bias, at
-    least :data:`MIN_ROWS` rows and only element-wise users."""
+def _bias_add(node: fx.Node) -> bool | None:
+    """True when ``node`` is ``addmm(bias, x, w)`` on fp32 CPU tensors, with a 1-D bias, at
+    least :data:`MIN_ROWS` rows and only element-wise users; else None."""
     from torch._inductor.utils import is_pointwise_use
 
     if node.op != "call_function" or node.target is not aten.addmm.default or node.kwargs:
-        return False
+        return None
     bias, x = _value(node.args[0]), _value(node.args[1])
     if bias is None or x is None or bias.dim() != 1 or x.dim() != 2 or int(x.shape[0]) < MIN_ROWS:
-        return False
-    return bool(node.users) and all(is_pointwise_use(use) for use in node.users)
+        return None
+    return True if node.users and all(is_pointwise_use(use) for use in node.users) else None
+
+
+def _product_then_add(graph: fx.Graph, node: fx.Node, _: bool) -> fx.Node:
+    bias, x, w = node.args[:3]
+    product = graph.call_function(aten.mm.default, (x, w))
+    result = graph.call_function(aten.add.Tensor, (product, bias))
+    product.meta["val"] = result.meta["val"] = node.meta["val"]  # same shape, dtype, strides
+    return result
 
 
 def rewrite_bias_adds(graph: fx.Graph) -> int:
     """Replace each :func:`_bias_add` in ``graph`` by ``mm`` then ``add``; returns how many."""
-    count = 0
-    for node in list(graph.nodes):
-        if not _bias_add(node):
-            continue
-        bias, x, w = node.args[:3]
-        with graph.inserting_before(node):
-            product = graph.call_function(aten.mm.default, (x, w))
-            result = graph.call_function(aten.add.Tensor, (product, bias))
-        product.meta["val"] = result.meta["val"] = node.meta["val"]  # same shape, dtype, strides
-        node.replace_all_uses_with(result)
-        graph.erase_node(node)
-        count += 1
-    return count
+    return _replace_each(graph, _bias_add, _product_then_add)
 
 
 def _weight_gradient(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -152,30 +161,25 @@ def _weight_gradient(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return g, x
 
 
+def _transposed_product(graph: fx.Graph, node: fx.Node, found: tuple[fx.Node, fx.Node]) -> fx.Node:
+    g, x = found
+    xt = graph.call_function(aten.permute.default, (x, [1, 0]))
+    product = graph.call_function(aten.mm.default, (xt, g))
+    result = graph.call_function(aten.permute.default, (product, [1, 0]))
+    gv, xv = g.meta["val"], x.meta["val"]
+    fake_mode = getattr(gv, "fake_mode", None)
+    if fake_mode is not None:  # shapes and strides for the nodes after
+        with fake_mode:
+            xt.meta["val"] = xv.permute(1, 0)
+            product.meta["val"] = xt.meta["val"] @ gv
+            result.meta["val"] = product.meta["val"].permute(1, 0)
+    return result
+
+
 def rewrite_weight_gradients(graph: fx.Graph) -> int:
     """Replace each :func:`_weight_gradient` ``gᵀ @ x`` in ``graph`` by ``(xᵀ @ g)ᵀ``;
     returns how many."""
-    count = 0
-    for node in list(graph.nodes):
-        found = _weight_gradient(node)
-        if found is None:
-            continue
-        g, x = found
-        with graph.inserting_before(node):
-            xt = graph.call_function(aten.permute.default, (x, [1, 0]))
-            product = graph.call_function(aten.mm.default, (xt, g))
-            result = graph.call_function(aten.permute.default, (product, [1, 0]))
-        gv, xv = g.meta["val"], x.meta["val"]
-        fake_mode = getattr(gv, "fake_mode", None)
-        if fake_mode is not None:  # shapes and strides for the nodes after
-            with fake_mode:
-                xt.meta["val"] = xv.permute(1, 0)
-                product.meta["val"] = xt.meta["val"] @ gv
-                result.meta["val"] = product.meta["val"].permute(1, 0)
-        node.replace_all_uses_with(result)
-        graph.erase_node(node)
-        count += 1
-    return count
+    return _replace_each(graph, _weight_gradient, _transposed_product)
 
 
 #: deitctl's rewrites by name, in the order they run.
