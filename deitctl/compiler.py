@@ -10,15 +10,18 @@ slower than it need be (figures: 2 threads, Intel Xeon family 6 model 167, "mach
   0.3 ms for MKL's product with a row of ones. Rewritten as ``ones(1, rows) @ x``.
 - **Bias adds.** ``addmm(bias, x, w)`` broadcasts the bias into the output with a separate
   copy before MKL's product (about 5 % of the 64-token DeiT-Ti⚗ step). Where every user of
-  the result is element-wise (the GELU after ``fc1``, the residual add after ``proj`` and
-  ``fc2``), it becomes ``mm(x, w) + bias`` and inductor folds the add into that user's kernel.
+  the result is element-wise (the residual add after ``proj`` and ``fc2``; the GELU after
+  ``fc1`` when its output is not also saved for the backward, as under
+  ``gelu_backward = "saved"``), it becomes ``mm(x, w) + bias`` and inductor folds the add into
+  that user's kernel.
 - **Wide weight gradients.** A linear layer's weight gradient ``gᵀ @ x`` with more outputs
   than inputs (``qkv``, ``fc1``) runs 10–12 % faster in MKL as ``(xᵀ @ g)ᵀ``.
 
 Each rewrite is the same arithmetic in another order or layout (float rounding only, as
-compiling itself gives). ``benchmarks/step_vs_reference.py --variants compile,compile_plain``
-measures the step with and without the pass. Only fp32 tensors are rewritten: under bf16
-autocast the bf16 bias gradients summed by a bf16 matmul made the step slower.
+compiling itself gives). ``benchmarks/step_vs_reference.py --variants
+compile_plain,compile_sums,compile`` measures the step without the pass, with its column sums
+alone, and with all of it. Only fp32 tensors are rewritten: under bf16 autocast the bf16 bias
+gradients summed by a bf16 matmul made the step slower.
 """
 
 from __future__ import annotations
