@@ -36,6 +36,7 @@ from torch import fx, nn
 
 try:  # torch >= 2.6
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+    from torch._inductor.utils import is_pointwise_use
 except ImportError:  # pragma: no cover - older torch compiles without the pass
     CustomGraphPass = None  # type: ignore[assignment,misc]
 
@@ -117,21 +118,21 @@ def rewrite_column_sums(graph: fx.Graph) -> int:
     return _replace_each(graph, _column_sum, _sum_as_product)
 
 
-def _bias_add(node: fx.Node) -> bool | None:
-    """True when ``node`` is ``addmm(bias, x, w)`` on fp32 CPU tensors, with a 1-D bias, at
-    least :data:`MIN_ROWS` rows and only element-wise users; else None."""
-    from torch._inductor.utils import is_pointwise_use
-
+def _bias_add(node: fx.Node) -> tuple[Any, Any, Any] | None:
+    """(bias, x, w) when ``node`` is ``addmm(bias, x, w)`` on fp32 CPU tensors, with a 1-D
+    bias, at least :data:`MIN_ROWS` rows and only element-wise users; else None."""
     if node.op != "call_function" or node.target is not aten.addmm.default or node.kwargs:
         return None
     bias, x = _value(node.args[0]), _value(node.args[1])
     if bias is None or x is None or bias.dim() != 1 or x.dim() != 2 or int(x.shape[0]) < MIN_ROWS:
         return None
-    return True if node.users and all(is_pointwise_use(use) for use in node.users) else None
+    if not node.users or not all(is_pointwise_use(use) for use in node.users):
+        return None
+    return node.args[0], node.args[1], node.args[2]
 
 
-def _product_then_add(graph: fx.Graph, node: fx.Node, _: bool) -> fx.Node:
-    bias, x, w = node.args[:3]
+def _product_then_add(graph: fx.Graph, node: fx.Node, found: tuple[Any, Any, Any]) -> fx.Node:
+    bias, x, w = found
     product = graph.call_function(aten.mm.default, (x, w))
     result = graph.call_function(aten.add.Tensor, (product, bias))
     product.meta["val"] = result.meta["val"] = node.meta["val"]  # same shape, dtype, strides
@@ -199,7 +200,8 @@ GRAPH_PASSES: tuple[str, ...] = tuple(REWRITES)
 
 def rewrite(graph: fx.Graph, kinds: Iterable[str] = tuple(REWRITES)) -> Counter[str]:
     """Run deitctl's rewrites named in ``kinds`` on a post-autograd ``graph``; counts them."""
-    return Counter({kind: REWRITES[kind](graph) for kind in REWRITES if kind in set(kinds)})
+    wanted = set(kinds)
+    return Counter({kind: rewrite_kind(graph) for kind, rewrite_kind in REWRITES.items() if kind in wanted})
 
 
 if CustomGraphPass is not None:
@@ -211,7 +213,8 @@ if CustomGraphPass is not None:
         rewritten: ClassVar[Counter[str]] = Counter()
 
         def __init__(self, kinds: Iterable[str] = tuple(REWRITES)) -> None:
-            self.kinds = tuple(kind for kind in REWRITES if kind in set(kinds))
+            wanted = set(kinds)
+            self.kinds = tuple(kind for kind in REWRITES if kind in wanted)
 
         def __call__(self, graph: fx.Graph) -> None:
             CpuTrainingPass.rewritten.update(rewrite(graph, self.kinds))
