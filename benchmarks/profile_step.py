@@ -10,7 +10,11 @@ AMX) this inflates memory-bound kernels several times over (GELU 28 % of a step 
 ``perf record`` samples 3 %). Read the kinds and call counts here, and take shares of time
 from a sampling profiler over plain steps: ``perf record -g deitctl benchmark RECIPE --steps 40``.
 
-    python benchmarks/profile_step.py RECIPE [--set KEY=VALUE]... [--steps 5] [--json OUT]
+    python benchmarks/profile_step.py RECIPE [--set KEY=VALUE]... [--steps 5] [--shapes] [--json OUT]
+
+``--shapes`` also lists the matmuls by their operands' shapes, with each one's time and FLOP/s
+per step: the step's products to set against the same products timed alone (in the step they
+read and write memory that is in no cache).
 """
 
 from __future__ import annotations
@@ -40,12 +44,31 @@ def kind_of(name: str) -> str:
     return "other element-wise and glue"
 
 
+def by_shape(prof: Any, steps: int) -> list[dict[str, Any]]:
+    """The matmul operators grouped by their operands' shapes, slowest first, per step."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if kind_of(e.key) != "matmul" or not e.self_cpu_time_total:
+            continue
+        rows.append(
+            {
+                "op": e.key,
+                "shapes": [list(s) for s in e.input_shapes if s],
+                "calls_per_step": e.count / steps,
+                "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                "gflop_per_s": (e.flops or 0) / (e.self_cpu_time_total * 1e-6) / 1e9,
+            }
+        )
+    return sorted(rows, key=lambda r: -r["ms_per_step"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--shapes", action="store_true", help="also the matmuls by operand shapes")
     p.add_argument("--json", dest="json_path", default="")
     args = p.parse_args(argv)
 
@@ -61,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     batches, _ = draw_batches(trainer.parts.train_loader, args.warmup + args.steps, keep=args.warmup + args.steps)
     for i in range(args.warmup):
         train_step(trainer, batches[i][0].clone(), batches[i][1].clone(), i)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False, with_flops=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes, with_flops=True) as prof:
         for i in range(args.warmup, args.warmup + args.steps):
             train_step(trainer, batches[i][0].clone(), batches[i][1].clone(), i)
     events = prof.key_averages()
@@ -98,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     print("top operators:")
     for row in result["top_ops"]:
         print(f"  {row['op']:<45} {row['share']:6.1%}  {row['calls']} calls")
+    if args.shapes:
+        result["matmuls_by_shape"] = by_shape(prof, args.steps)
+        print("matmuls by operand shapes (per step):")
+        for row in result["matmuls_by_shape"][:15]:
+            print(
+                f"  {row['op']:<12} {row['ms_per_step']:7.2f} ms  {row['calls_per_step']:5.1f} calls  "
+                f"{row['gflop_per_s']:5.0f} GFLOP/s  {row['shapes']}"
+            )
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

@@ -83,6 +83,20 @@ def test_step_processes_alternates_recipe_variants(tmp_path):
     assert float(lines["the"][3]) == 1.0 and float(lines["run.threads=1"][2]) > 0, text
 
 
+def test_profile_step_lists_the_matmuls_by_their_shapes(tmp_path):
+    recipe = tmp_path / "model.toml"
+    _script("step_vs_reference.py", *TINY, "--write-recipe", str(recipe))
+    out = tmp_path / "profile.json"
+    text = _script("profile_step.py", str(recipe), "--steps", "2", "--warmup", "1", "--shapes", "--json", str(out))
+    assert "matmuls by operand shapes" in text
+    rows = json.loads(out.read_text())["matmuls_by_shape"]
+    times = [row["ms_per_step"] for row in rows]
+    assert times == sorted(times, reverse=True) and times[-1] > 0
+    # the student's qkv projection over the batch's tokens (8 images x 66 tokens, 192 wide), once a step
+    qkv = [row for row in rows if row["shapes"] == [[576], [528, 192], [192, 576]]]
+    assert len(qkv) == 1 and qkv[0]["calls_per_step"] == 1 and qkv[0]["gflop_per_s"] > 0, rows
+
+
 def test_loader_compares_the_loaders_and_profiles_the_stages(tmp_path):
     from conftest import SAMPLE
 
